@@ -1,0 +1,73 @@
+"""The one settings object. Nothing else in recfleet reads the environment."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import AmqpDsn, Field, PostgresDsn, RedisDsn, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Typed configuration, read from ``RECFLEET_*`` environment variables."""
+
+    model_config = SettingsConfigDict(env_prefix="RECFLEET_", env_file=None, extra="ignore")
+
+    environment: Literal["development", "test", "production"] = "development"
+
+    amqp_url: AmqpDsn = AmqpDsn("amqp://guest:guest@127.0.0.1:5672/")
+    redis_url: RedisDsn = RedisDsn("redis://127.0.0.1:6379/0")
+    database_url: PostgresDsn = PostgresDsn("postgresql://postgres@127.0.0.1:5432/postgres")
+    artifacts: Path = Path("artifacts/demo")
+
+    # Broker topology. Tests give each run its own names.
+    jobs_queue: str = "recfleet.jobs"
+    dead_letter_exchange: str = "recfleet.dlx"
+    dead_letter_queue: str = "recfleet.jobs.dlq"
+    delivery_limit: int = Field(default=5, ge=1, description="deliveries before dead-lettering")
+    queue_max_length: int = Field(default=1_000_000, ge=1)
+
+    # Redis key prefix; every key recfleet writes starts with it.
+    redis_prefix: str = Field(default="rf", pattern=r"^[A-Za-z0-9_.-]{1,32}$")
+    batch_ttl_s: int = Field(default=7 * 24 * 3600, ge=60)
+
+    # Gateway limits.
+    job_size: int = Field(default=1000, ge=1, le=1000)
+    max_users_per_request: int = Field(default=100_000, ge=1)
+    publish_timeout_s: float = Field(default=10.0, gt=0)
+
+    # Worker.
+    prefetch: int = Field(default=4, ge=1, le=1000)
+    top_k: int = Field(default=10, ge=1, le=100)
+    heartbeat_s: int = Field(default=30, ge=0)
+    torch_threads: int = Field(default=1, ge=1)
+    metrics_port: int = Field(default=9100, ge=0, le=65535)
+
+    api_host: str = "127.0.0.1"
+    api_port: int = Field(default=8000, ge=1, le=65535)
+
+    log_json: bool = False
+    log_level: str = "INFO"
+
+    @model_validator(mode="after")
+    def _refuse_default_secrets(self) -> Settings:
+        if self.environment != "production":
+            return self
+        problems = []
+        if self.amqp_url.username in (None, "guest") or self.amqp_url.password in (None, "guest"):
+            problems.append("RECFLEET_AMQP_URL uses the default guest/guest account")
+        if not self.redis_url.password:
+            problems.append("RECFLEET_REDIS_URL has no password")
+        if not self.database_url.hosts()[0].get("password"):
+            problems.append("RECFLEET_DATABASE_URL has no password")
+        if problems:
+            raise ValueError("refusing to start in production: " + "; ".join(problems))
+        return self
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """Return the process-wide settings, read once from the environment."""
+    return Settings()
