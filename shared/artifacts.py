@@ -217,17 +217,37 @@ def load_artifacts(path: Path | str, *, verify_checksums: bool = True) -> Artifa
 def _check_shapes(art: Artifacts) -> None:
     n_users, n_playlists, dim = art.n_users, art.n_playlists, art.dim
     checks = [
-        (art.user_embeddings.shape == (n_users, dim), "user embeddings", art.user_embeddings.shape,
-         (n_users, dim)),
-        (art.playlist_embeddings.shape == (n_playlists, dim), "playlist embeddings",
-         art.playlist_embeddings.shape, (n_playlists, dim)),
-        (art.candidates_indptr.shape == (n_users + 1,), "candidates_indptr",
-         art.candidates_indptr.shape, (n_users + 1,)),
+        (
+            art.user_embeddings.shape == (n_users, dim),
+            "user embeddings",
+            art.user_embeddings.shape,
+            (n_users, dim),
+        ),
+        (
+            art.playlist_embeddings.shape == (n_playlists, dim),
+            "playlist embeddings",
+            art.playlist_embeddings.shape,
+            (n_playlists, dim),
+        ),
+        (
+            art.candidates_indptr.shape == (n_users + 1,),
+            "candidates_indptr",
+            art.candidates_indptr.shape,
+            (n_users + 1,),
+        ),
         (art.user_ids.shape == (n_users,), "user_ids", art.user_ids.shape, (n_users,)),
-        (art.playlist_ids.shape == (n_playlists,), "playlist_ids", art.playlist_ids.shape,
-         (n_playlists,)),
-        (art.playlist_popularity.shape == (n_playlists,), "playlist_popularity",
-         art.playlist_popularity.shape, (n_playlists,)),
+        (
+            art.playlist_ids.shape == (n_playlists,),
+            "playlist_ids",
+            art.playlist_ids.shape,
+            (n_playlists,),
+        ),
+        (
+            art.playlist_popularity.shape == (n_playlists,),
+            "playlist_popularity",
+            art.playlist_popularity.shape,
+            (n_playlists,),
+        ),
     ]
     for ok, what, got, want in checks:
         if not ok:

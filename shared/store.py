@@ -77,9 +77,11 @@ def encode_results(
     out["flags"] = np.where(cold, FLAG_COLD, 0) | (FLAG_WIDE if wide else 0)
     out["ts"] = generated_at
     out["tag"] = tag
-    out["p"] = playlists.astype(item.type, copy=False) if wide else np.where(
-        playlists < 0, 0xFFFFFFFF, playlists
-    ).astype(np.uint32)
+    out["p"] = (
+        playlists.astype(item.type, copy=False)
+        if wide
+        else np.where(playlists < 0, 0xFFFFFFFF, playlists).astype(np.uint32)
+    )
     raw = out.tobytes()
     size = rec.itemsize
     return [raw[i * size : (i + 1) * size] for i in range(n)]
@@ -139,11 +141,22 @@ def new_batch_fields(jobs_total: int, users_total: int) -> dict[str, Any]:
 
 def batch_status(batch_id: str, fields: dict[Any, Any]) -> dict[str, Any]:
     """Turn a batch ledger (as read from Redis) into the public progress document."""
-    f = {(k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
-         for k, v in fields.items()}
-    ints = {k: int(f.get(k, 0)) for k in (
-        "jobs_total", "users_total", "jobs_done", "users_done", "jobs_dead", "users_dead",
-        "cold_users")}
+    f = {
+        (k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
+        for k, v in fields.items()
+    }
+    ints = {
+        k: int(f.get(k, 0))
+        for k in (
+            "jobs_total",
+            "users_total",
+            "jobs_done",
+            "users_done",
+            "jobs_dead",
+            "users_dead",
+            "cold_users",
+        )
+    }
     created = float(f.get("created_at", 0))
     first = float(f["first_done_at"]) if "first_done_at" in f else None
     last = float(f["last_done_at"]) if "last_done_at" in f else None
@@ -157,8 +170,11 @@ def batch_status(batch_id: str, fields: dict[Any, Any]) -> dict[str, Any]:
     elapsed = (last - created) if last else None
     rate = ints["users_done"] / elapsed if elapsed and elapsed > 0 else None
     remaining = ints["users_total"] - ints["users_done"] - ints["users_dead"]
-    eta = remaining / rate if rate and state == "running" else (0.0 if finished >= ints[
-        "jobs_total"] else None)
+    eta = (
+        remaining / rate
+        if rate and state == "running"
+        else (0.0 if finished >= ints["jobs_total"] else None)
+    )
     return {
         "batch_id": batch_id,
         "state": state,

@@ -1,0 +1,51 @@
+"""The FastAPI application and its lifespan, which owns every client."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from redis.asyncio import Redis
+
+from api.broker import Publisher
+from api.deps import Clients
+from api.metrics import MetricsMiddleware
+from api.routes import batches, health, playlists
+from shared.settings import Settings, get_settings
+from shared.store import Keys
+
+log = logging.getLogger(__name__)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """Build the gateway app. Connections open in the lifespan, not here."""
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        publisher = Publisher(settings)
+        redis = Redis.from_url(str(settings.redis_url))
+        await publisher.start()
+        app.state.clients = Clients(
+            settings=settings, publisher=publisher, redis=redis, keys=Keys(settings.redis_prefix)
+        )
+        log.info("gateway ready: queue %s", settings.jobs_queue)
+        try:
+            yield
+        finally:
+            await publisher.close()
+            await redis.aclose()
+
+    app = FastAPI(
+        title="recfleet gateway",
+        version="0.1.0",
+        summary="Submit users for daily playlist ranking and read their recommendations.",
+        lifespan=lifespan,
+    )
+    app.add_middleware(MetricsMiddleware)
+    app.include_router(batches.router)
+    app.include_router(playlists.router)
+    app.include_router(health.router)
+    return app

@@ -1,0 +1,120 @@
+"""The gateway's one long-lived RabbitMQ connection, with publisher confirms."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import aio_pika
+import aiormq
+from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection
+
+from shared.messages import CONTENT_TYPE, Job
+from shared.settings import Settings
+from shared.topology import (
+    HEADER_BATCH_ID,
+    HEADER_SCHEMA,
+    HEADER_USERS,
+    dead_letter_queue_arguments,
+    jobs_queue_arguments,
+)
+
+log = logging.getLogger(__name__)
+
+
+class PublishFailed(Exception):
+    """The broker did not confirm a job: nacked, returned, timed out or unreachable."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class Publisher:
+    """Publishes jobs as persistent messages and waits for the broker's confirms."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._connection: AbstractRobustConnection | None = None
+        self._channel: AbstractRobustChannel | None = None
+
+    async def start(self) -> None:
+        """Connect and declare the topology. Raises ConnectionError-family errors if unreachable."""
+        s = self._settings
+        self._connection = await aio_pika.connect_robust(str(s.amqp_url), timeout=10)
+        channel = await self._connection.channel(publisher_confirms=True, on_return_raises=True)
+        self._channel = channel  # type: ignore[assignment]
+        await declare_topology(channel, s)
+
+    async def close(self) -> None:
+        if self._connection is not None:
+            await self._connection.close()
+
+    @property
+    def ready(self) -> bool:
+        return bool(
+            self._connection is not None
+            and not self._connection.is_closed
+            and self._channel is not None
+            and not self._channel.is_closed
+        )
+
+    async def publish_jobs(self, jobs: list[Job]) -> None:
+        """Publish every job and return once the broker confirmed all of them.
+
+        Raises PublishFailed when any job was nacked, returned, timed out or could not be sent.
+        """
+        if self._channel is None:
+            raise PublishFailed("not connected to the broker")
+        results = await asyncio.gather(
+            *(self._publish_one(job) for job in jobs), return_exceptions=True
+        )
+        errors = [r for r in results if isinstance(r, BaseException)]
+        if errors:
+            log.warning("publish failed for %d of %d jobs: %r", len(errors), len(jobs), errors[0])
+            raise PublishFailed(_describe(errors[0]))
+
+    async def _publish_one(self, job: Job) -> None:
+        assert self._channel is not None
+        message = aio_pika.Message(
+            body=job.encode(),
+            content_type=CONTENT_TYPE,
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            message_id=job.job_id,
+            timestamp=int(job.created_at),
+            headers={
+                HEADER_BATCH_ID: job.batch_id,
+                HEADER_USERS: len(job.user_ids),
+                HEADER_SCHEMA: job.schema_version,
+            },
+        )
+        await self._channel.default_exchange.publish(
+            message,
+            routing_key=self._settings.jobs_queue,
+            mandatory=True,
+            timeout=self._settings.publish_timeout_s,
+        )
+
+
+async def declare_topology(channel: aio_pika.abc.AbstractChannel, settings: Settings) -> None:
+    """Declare the jobs queue, the dead-letter exchange and queue (idempotent)."""
+    dlx = await channel.declare_exchange(
+        settings.dead_letter_exchange, aio_pika.ExchangeType.DIRECT, durable=True
+    )
+    dlq = await channel.declare_queue(
+        settings.dead_letter_queue, durable=True, arguments=dead_letter_queue_arguments(settings)
+    )
+    await dlq.bind(dlx, routing_key=settings.dead_letter_queue)
+    await channel.declare_queue(
+        settings.jobs_queue, durable=True, arguments=jobs_queue_arguments(settings)
+    )
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, asyncio.TimeoutError | TimeoutError):
+        return "the broker did not confirm in time"
+    if isinstance(exc, aio_pika.exceptions.DeliveryError):
+        return "the broker refused the job (queue full or unroutable)"
+    if isinstance(exc, aiormq.exceptions.AMQPError | ConnectionError):
+        return "the broker is unreachable"
+    return f"publish failed: {type(exc).__name__}"

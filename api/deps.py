@@ -1,0 +1,30 @@
+"""Clients owned by the lifespan, handed to routes through ``Annotated`` dependencies."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Annotated
+
+from fastapi import Depends, Request
+from redis.asyncio import Redis
+
+from api.broker import Publisher
+from shared.settings import Settings
+from shared.store import Keys
+
+
+@dataclass
+class Clients:
+    settings: Settings
+    publisher: Publisher
+    redis: Redis
+    keys: Keys
+    model_versions: dict[int, str] = field(default_factory=dict)
+
+
+def get_clients(request: Request) -> Clients:
+    clients: Clients = request.app.state.clients
+    return clients
+
+
+ClientsDep = Annotated[Clients, Depends(get_clients)]

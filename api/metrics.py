@@ -1,0 +1,58 @@
+"""The gateway's Prometheus collectors and the middleware that feeds the HTTP ones."""
+
+from __future__ import annotations
+
+import time
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from shared import metrics as names
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+HTTP_REQUESTS = Counter(
+    names.HTTP_REQUESTS, "HTTP requests", ["route", "method", "status"], registry=REGISTRY
+)
+HTTP_DURATION = Histogram(
+    names.HTTP_DURATION,
+    "HTTP request latency",
+    ["route", "method"],
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+    registry=REGISTRY,
+)
+JOBS_PUBLISHED = Counter(names.JOBS_PUBLISHED, "Jobs confirmed by the broker", registry=REGISTRY)
+USERS_PUBLISHED = Counter(names.USERS_PUBLISHED, "Users in confirmed jobs", registry=REGISTRY)
+PUBLISH_FAILURES = Counter(
+    names.PUBLISH_FAILURES, "Requests failed for want of a confirm", ["reason"], registry=REGISTRY
+)
+BATCHES_ACCEPTED = Counter(names.BATCHES_ACCEPTED, "Batches answered 202", registry=REGISTRY)
+
+
+class MetricsMiddleware:
+    """Counts requests and times them by route template (bounded label values)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = 500
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            route = scope.get("route")
+            template = getattr(route, "path", "unmatched")
+            method = scope.get("method", "")
+            HTTP_REQUESTS.labels(template, method, str(status)).inc()
+            HTTP_DURATION.labels(template, method).observe(time.perf_counter() - start)

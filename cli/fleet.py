@@ -1,0 +1,111 @@
+"""Start a gateway and workers on this host as child processes (for the demo and benchmarks)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import TracebackType
+
+import httpx
+
+from shared.settings import Settings
+
+
+class FleetError(Exception):
+    """A local gateway or worker did not start."""
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """The environment that hands ``settings`` to a child process."""
+    env = dict(os.environ)
+    for name, value in settings.model_dump(mode="json").items():
+        env[f"RECFLEET_{name.upper()}"] = (
+            str(value).lower() if isinstance(value, bool) else str(value)
+        )
+    return env
+
+
+class LocalFleet:
+    """A gateway and a worker supervisor with N processes, stopped gracefully on exit."""
+
+    def __init__(
+        self, settings: Settings, processes: int, log_dir: Path, *, start_api: bool = True
+    ) -> None:
+        self.settings = settings
+        self.processes = processes
+        self.log_dir = log_dir
+        self.start_api = start_api
+        self.api: subprocess.Popen[bytes] | None = None
+        self.workers: subprocess.Popen[bytes] | None = None
+        self.base_url = f"http://{settings.api_host}:{settings.api_port}"
+
+    def _spawn(self, name: str, args: list[str]) -> subprocess.Popen[bytes]:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        log = (self.log_dir / f"{name}.log").open("ab")
+        return subprocess.Popen(
+            [sys.executable, "-m", "cli.main", *args],
+            env=settings_env(self.settings),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+
+    def __enter__(self) -> LocalFleet:
+        self.workers = self._spawn("worker", ["worker", "--processes", str(self.processes)])
+        if self.start_api:
+            self.api = self._spawn("api", ["api"])
+            self._wait_ready()
+        return self
+
+    def _wait_ready(self, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.api is not None and self.api.poll() is not None:
+                raise FleetError(f"gateway exited; see {self.log_dir / 'api.log'}")
+            try:
+                if httpx.get(f"{self.base_url}/readyz", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise FleetError(f"gateway not ready after {timeout:.0f}s; see {self.log_dir / 'api.log'}")
+
+    def worker_metrics_ports(self) -> list[int]:
+        return [self.settings.metrics_port + i for i in range(self.processes)]
+
+    def wait_workers_consuming(self, timeout: float = 120) -> None:
+        """Wait until every worker process answers its health check (model loaded, consuming)."""
+        deadline = time.monotonic() + timeout
+        for port in self.worker_metrics_ports():
+            while True:
+                if self.workers is not None and self.workers.poll() is not None:
+                    raise FleetError(f"workers exited; see {self.log_dir / 'worker.log'}")
+                try:
+                    if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise FleetError(f"worker on :{port} not consuming after {timeout:.0f}s")
+                time.sleep(0.2)
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        for proc in (self.api, self.workers):
+            if proc is not None and proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in (self.api, self.workers):
+            if proc is None:
+                continue
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()

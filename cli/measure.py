@@ -1,0 +1,95 @@
+"""One measured run of a local fleet: submit users over HTTP, wait for every result."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pika
+import redis
+
+from cli.client import submit, wait
+from cli.fleet import LocalFleet
+from shared.settings import Settings
+
+
+@dataclass
+class FleetRun:
+    processes: int
+    users: int
+    jobs: int
+    submit_s: float
+    total_s: float
+    cold_users: int
+    dead_users: int
+    batch_ids: list[str]
+
+    @property
+    def users_per_s(self) -> float:
+        return self.users / self.total_s if self.total_s else 0.0
+
+    def figures(self) -> dict[str, float | int]:
+        return {
+            "processes": self.processes,
+            "users": self.users,
+            "jobs": self.jobs,
+            "submit_s": round(self.submit_s, 3),
+            "total_s": round(self.total_s, 3),
+            "users_per_s": round(self.users_per_s, 1),
+            "cold_users": self.cold_users,
+            "dead_users": self.dead_users,
+        }
+
+
+def measure(
+    settings: Settings, user_ids: list[int], processes: int, log_dir: Path, *, show: bool = True
+) -> FleetRun:
+    """Start a gateway and ``processes`` workers, submit, wait until all results are in Redis.
+
+    The clock starts at the first POST, once every worker is consuming, and stops when the
+    last job's progress is recorded.
+    """
+    with LocalFleet(settings, processes, log_dir) as fleet:
+        fleet.wait_workers_consuming()
+        with httpx.Client(base_url=fleet.base_url, timeout=120) as client:
+            start = time.perf_counter()
+            sub = submit(client, user_ids, settings.max_users_per_request)
+            statuses = wait(client, sub.batch_ids, sub.users, show=show)
+            total = max(st["last_done_at"] or 0 for st in statuses) - _epoch(start)
+    return FleetRun(
+        processes=processes,
+        users=sub.users,
+        jobs=sub.jobs,
+        submit_s=sub.seconds,
+        total_s=max(total, sub.seconds),
+        cold_users=sum(st["cold_users"] for st in statuses),
+        dead_users=sum(st["users_dead"] for st in statuses),
+        batch_ids=sub.batch_ids,
+    )
+
+
+def _epoch(perf_start: float) -> float:
+    """Wall-clock time of a perf_counter reading (batch timestamps are wall-clock)."""
+    return time.time() - (time.perf_counter() - perf_start)
+
+
+def cleanup(settings: Settings) -> None:
+    """Delete a run's Redis keys (by prefix, without blocking Redis) and its queues."""
+    client = redis.Redis.from_url(str(settings.redis_url))
+    batch = []
+    for key in client.scan_iter(match=f"{settings.redis_prefix}:*", count=1000):
+        batch.append(key)
+        if len(batch) >= 1000:
+            client.unlink(*batch)
+            batch.clear()
+    if batch:
+        client.unlink(*batch)
+    client.close()
+    conn = pika.BlockingConnection(pika.URLParameters(str(settings.amqp_url)))
+    channel = conn.channel()
+    for queue in (settings.jobs_queue, settings.dead_letter_queue):
+        channel.queue_delete(queue)
+    channel.exchange_delete(settings.dead_letter_exchange)
+    conn.close()

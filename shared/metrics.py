@@ -1,0 +1,32 @@
+"""Metric names: the gateway and workers export them, dashboards and alert rules query them.
+
+Only names live here; each process defines its own collectors.
+"""
+
+from __future__ import annotations
+
+# Gateway
+HTTP_REQUESTS = "recfleet_http_requests_total"  # labels: route, method, status
+HTTP_DURATION = "recfleet_http_request_duration_seconds"  # labels: route, method
+JOBS_PUBLISHED = "recfleet_jobs_published_total"
+USERS_PUBLISHED = "recfleet_users_published_total"
+PUBLISH_FAILURES = "recfleet_publish_failures_total"  # labels: reason
+BATCHES_ACCEPTED = "recfleet_batches_accepted_total"
+
+# Worker
+WORKER_JOBS = "recfleet_worker_jobs_total"  # labels: outcome = done | dead | requeued
+WORKER_USERS = "recfleet_worker_users_total"
+WORKER_COLD_USERS = "recfleet_worker_cold_users_total"
+WORKER_JOB_DURATION = "recfleet_worker_job_duration_seconds"
+WORKER_RANK_DURATION = "recfleet_worker_rank_duration_seconds"
+WORKER_REDIS_WRITE_DURATION = "recfleet_worker_redis_write_duration_seconds"
+WORKER_CANDIDATES = "recfleet_worker_candidates_per_user"  # per-job mean
+WORKER_CANDIDATES_TOTAL = "recfleet_worker_candidates_total"
+WORKER_REDELIVERIES = "recfleet_worker_redeliveries_total"
+WORKER_DEAD_LETTERED = "recfleet_worker_dead_lettered_total"  # labels: reason
+MODEL_INFO = "recfleet_model_info"  # labels: model_version; value 1
+RECOMMENDED_BY_POPULARITY = "recfleet_recommended_total"  # labels: popularity_bucket
+
+# Queue (sampled by workers through a passive declare)
+QUEUE_MESSAGES = "recfleet_queue_messages"  # labels: queue
+QUEUE_CONSUMERS = "recfleet_queue_consumers"  # labels: queue

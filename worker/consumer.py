@@ -1,0 +1,234 @@
+"""The pika consumer: thin I/O around ``JobHandler``.
+
+The connection's I/O (and so its heartbeats) stays on the main thread; jobs run on
+one compute thread and their acks come back through ``add_callback_threadsafe``.
+Retries live here and only here:
+
+- undecodable or invalid job -> rejected without requeue, so the broker dead-letters it;
+- Redis unavailable (TransientError) -> retried in place with backoff, holding the
+  message, so a short outage does not burn the queue's delivery limit;
+- a job that crashes the process -> redelivered by the broker until its delivery
+  limit dead-letters it.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import re
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import pika
+import pika.exceptions
+from pika.adapters.blocking_connection import BlockingChannel
+from pika.spec import Basic, BasicProperties
+from tenacity import Retrying, retry_if_exception_type, stop_any, wait_exponential
+
+from shared.errors import TransientError, UndecodableMessage
+from shared.messages import ID_PATTERN, decode_job
+from shared.settings import Settings
+from shared.topology import (
+    HEADER_BATCH_ID,
+    HEADER_USERS,
+    dead_letter_queue_arguments,
+    jobs_queue_arguments,
+)
+from worker import metrics
+from worker.handler import JobHandler
+
+log = logging.getLogger(__name__)
+QUEUE_SAMPLE_EVERY_S = 5.0
+_VALID_ID = re.compile(ID_PATTERN)
+
+
+class Consumer:
+    """Consumes jobs until ``stop()``; reconnects with backoff when the broker goes away."""
+
+    def __init__(self, settings: Settings, handler: JobHandler, *, sample_queues: bool = False):
+        self.settings = settings
+        self.handler = handler
+        self.sample_queues = sample_queues
+        self._stopping = threading.Event()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rank")
+        self._connection: pika.BlockingConnection | None = None
+        self._last_tick = 0.0
+        self._consuming = False
+
+    # -- public -----------------------------------------------------------------
+    def stop(self) -> None:
+        """Finish the job in hand, requeue the rest, then return from ``run``. Signal-safe."""
+        self._stopping.set()
+
+    @property
+    def healthy(self) -> bool:
+        """Connected, consuming, and the I/O loop turned within the last 10 s."""
+        return self._consuming and time.monotonic() - self._last_tick < 10
+
+    def run(self) -> None:
+        """Consume until stopped, reconnecting with capped exponential backoff."""
+        delay = 0.5
+        while not self._stopping.is_set():
+            try:
+                self._consume_once()
+                delay = 0.5
+            except (pika.exceptions.AMQPError, OSError) as exc:
+                self._consuming = False
+                if self._stopping.is_set():
+                    break
+                log.warning("broker connection lost (%r); reconnecting in %.1fs", exc, delay)
+                self._stopping.wait(delay)
+                delay = min(delay * 2, 30.0)
+        self._executor.shutdown(wait=True)
+        log.info("consumer stopped")
+
+    # -- connection ---------------------------------------------------------------
+    def _consume_once(self) -> None:
+        s = self.settings
+        params = pika.URLParameters(str(s.amqp_url))
+        params.heartbeat = s.heartbeat_s
+        params.blocked_connection_timeout = 60
+        connection = pika.BlockingConnection(params)
+        self._connection = connection
+        try:
+            channel = connection.channel()
+            declare_topology(channel, s)
+            channel.basic_qos(prefetch_count=s.prefetch)
+            tag = channel.basic_consume(s.jobs_queue, self._on_message)
+            self._consuming = True
+            log.info("consuming %s (prefetch %d)", s.jobs_queue, s.prefetch)
+            next_sample = 0.0
+            while not self._stopping.is_set():
+                connection.process_data_events(time_limit=0.5)
+                self._last_tick = time.monotonic()
+                if self.sample_queues and self._last_tick >= next_sample:
+                    self._sample_queues(connection)
+                    next_sample = self._last_tick + QUEUE_SAMPLE_EVERY_S
+            self._consuming = False
+            channel.basic_cancel(tag)
+            self._drain(connection)
+        finally:
+            self._consuming = False
+            if connection.is_open:
+                connection.close()
+
+    def _drain(self, connection: pika.BlockingConnection) -> None:
+        """Keep the I/O loop turning until every submitted job has acked or requeued."""
+        pending: Future[None] = self._executor.submit(lambda: None)
+        while not pending.done():
+            connection.process_data_events(time_limit=0.1)
+        connection.process_data_events(time_limit=0)
+
+    def _sample_queues(self, connection: pika.BlockingConnection) -> None:
+        for queue in (self.settings.jobs_queue, self.settings.dead_letter_queue):
+            try:
+                probe = connection.channel()
+                ok = probe.queue_declare(queue, passive=True)
+                metrics.QUEUE_MESSAGES.labels(queue).set(ok.method.message_count)
+                metrics.QUEUE_CONSUMERS.labels(queue).set(ok.method.consumer_count)
+                probe.close()
+            except pika.exceptions.ChannelClosedByBroker:
+                log.debug("queue %s not there yet", queue)
+
+    # -- messages -----------------------------------------------------------------
+    def _on_message(
+        self, channel: BlockingChannel, method: Basic.Deliver, props: BasicProperties, body: bytes
+    ) -> None:
+        if method.redelivered:
+            metrics.REDELIVERIES.inc()
+        self._executor.submit(self._work, channel, method.delivery_tag, props, body)
+
+    def _work(
+        self, channel: BlockingChannel, tag: int, props: BasicProperties, body: bytes
+    ) -> None:
+        if self._stopping.is_set():
+            self._reply(channel.basic_nack, tag, requeue=True)
+            return
+        start = time.perf_counter()
+        try:
+            job = decode_job(body)
+        except UndecodableMessage as exc:
+            self._dead_letter(channel, tag, props, exc.reason)
+            return
+        extra = {"batch_id": job.batch_id, "job_id": job.job_id}
+        try:
+            summary = self._with_retries(lambda: self.handler.handle(job))
+        except TransientError as exc:
+            log.warning("job requeued: %s", exc, extra=extra)
+            metrics.JOBS.labels("requeued").inc()
+            self._reply(channel.basic_nack, tag, requeue=True)
+            return
+        metrics.JOBS.labels("done").inc()
+        metrics.JOB_DURATION.observe(time.perf_counter() - start)
+        log.debug("job done: %d users, %d cold", summary.users, summary.cold, extra=extra)
+        self._reply(channel.basic_ack, tag)
+
+    def _with_retries(self, fn: Callable[[], object]) -> object:
+        """Retry transient failures with capped backoff until they pass or we are stopping."""
+        retrying = Retrying(
+            retry=retry_if_exception_type(TransientError),
+            wait=wait_exponential(multiplier=0.2, max=10),
+            stop=stop_any(lambda _state: self._stopping.is_set()),
+            reraise=True,
+            before_sleep=lambda state: log.warning(
+                "transient failure, retrying: %s",
+                state.outcome.exception() if state.outcome else "",
+            ),
+        )
+        return retrying(fn)
+
+    def _dead_letter(
+        self, channel: BlockingChannel, tag: int, props: BasicProperties, reason: str
+    ) -> None:
+        log.error("dead-lettering message %s: %s", props.message_id, reason[:500])
+        metrics.DEAD_LETTERED.labels("undecodable").inc()
+        metrics.JOBS.labels("dead").inc()
+        self._record_dead(props)
+        self._reply(channel.basic_reject, tag, requeue=False)
+
+    def _record_dead(self, props: BasicProperties) -> None:
+        """Count a dead-lettered job in its batch ledger when the headers name a valid batch."""
+        headers = props.headers or {}
+        batch_id, job_id = headers.get(HEADER_BATCH_ID), props.message_id
+        users = headers.get(HEADER_USERS, 0)
+        if not (isinstance(batch_id, str) and isinstance(job_id, str) and isinstance(users, int)):
+            return
+        if not (_VALID_ID.fullmatch(batch_id) and _VALID_ID.fullmatch(job_id)):
+            return
+        try:
+            self.handler.record_dead(batch_id, job_id, users)
+        except TransientError:
+            log.warning("could not record dead job %s in its batch ledger", job_id)
+
+    def _reply(self, fn: Callable[..., None], tag: int, **kwargs: bool) -> None:
+        connection = self._connection
+        if connection is None or not connection.is_open:
+            log.warning("connection closed before delivery %d was settled; broker redelivers", tag)
+            return
+        connection.add_callback_threadsafe(functools.partial(self._settle, fn, tag, kwargs))
+
+    @staticmethod
+    def _settle(fn: Callable[..., None], tag: int, kwargs: dict[str, bool]) -> None:
+        try:
+            fn(tag, **kwargs)
+        except pika.exceptions.AMQPError:
+            # A late settle on a channel that closed (or belongs to an older connection).
+            log.warning("channel closed before delivery %d was settled; broker redelivers", tag)
+
+
+def declare_topology(channel: BlockingChannel, settings: Settings) -> None:
+    """Declare the jobs queue, the dead-letter exchange and queue, as the gateway does."""
+    channel.exchange_declare(settings.dead_letter_exchange, "direct", durable=True)
+    channel.queue_declare(
+        settings.dead_letter_queue, durable=True, arguments=dead_letter_queue_arguments(settings)
+    )
+    channel.queue_bind(
+        settings.dead_letter_queue,
+        settings.dead_letter_exchange,
+        routing_key=settings.dead_letter_queue,
+    )
+    channel.queue_declare(
+        settings.jobs_queue, durable=True, arguments=jobs_queue_arguments(settings)
+    )

@@ -1,0 +1,119 @@
+"""Worker processes: one consumer per process, and a supervisor for ``--processes N``."""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import os
+import signal
+import time
+from types import FrameType
+
+import redis
+import torch
+
+from shared.artifacts import load_artifacts
+from shared.errors import TransientError
+from shared.logs import configure_logging
+from shared.settings import Settings
+from worker.consumer import Consumer
+from worker.handler import JobHandler
+from worker.server import serve
+
+log = logging.getLogger(__name__)
+
+
+def run_worker(settings: Settings, index: int = 0) -> None:
+    """Load the model once, serve metrics, and consume until SIGTERM or SIGINT.
+
+    Raises ArtifactError when the artifacts are missing or corrupt.
+    """
+    torch.set_num_threads(settings.torch_threads)
+    artifacts = load_artifacts(settings.artifacts)
+    client = redis.Redis.from_url(str(settings.redis_url), socket_timeout=10)
+    handler = JobHandler(settings, artifacts, client)
+    consumer = Consumer(settings, handler, sample_queues=index == 0)
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        log.info("signal %d: finishing the current job, then exiting", signum)
+        consumer.stop()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    port = settings.metrics_port + index if settings.metrics_port else 0
+    server = serve("0.0.0.0", port, lambda: consumer.healthy)
+    log.info(
+        "worker %d: model %s, %d users, metrics on :%d",
+        index,
+        artifacts.model_version,
+        artifacts.n_users,
+        server.server_address[1],
+    )
+    _register_model(handler)
+    consumer.run()
+    server.shutdown()
+    client.close()
+
+
+def _register_model(handler: JobHandler) -> None:
+    """Record the model tag; keep trying while Redis is down rather than crash-loop."""
+
+    delay = 0.5
+    while True:
+        try:
+            handler.register_model()
+            return
+        except TransientError as exc:
+            log.warning("%s; retrying in %.1fs", exc, delay)
+            time.sleep(delay)
+            delay = min(delay * 2, 10)
+
+
+def _child(settings: Settings, index: int) -> None:
+    configure_logging(settings.log_level, settings.log_json)
+    run_worker(settings, index)
+
+
+def run_fleet(settings: Settings, processes: int) -> int:
+    """Run ``processes`` worker processes; restart any that dies; stop all on SIGTERM/SIGINT.
+
+    Returns the exit code for the command: 0 after a clean stop.
+    """
+    if processes == 1:
+        run_worker(settings, 0)
+        return 0
+    ctx = mp.get_context("spawn")
+    stopping = False
+    children: dict[int, mp.process.BaseProcess] = {}
+    restarts: dict[int, float] = {}
+
+    def start(i: int) -> None:
+        proc = ctx.Process(target=_child, args=(settings, i), name=f"worker-{i}", daemon=False)
+        proc.start()
+        children[i] = proc
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        nonlocal stopping
+        stopping = True
+        for proc in children.values():
+            if proc.pid and proc.is_alive():
+                os.kill(proc.pid, signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    for i in range(processes):
+        start(i)
+    while children:
+        for i, proc in list(children.items()):
+            proc.join(timeout=0.2)
+            if proc.exitcode is None:
+                continue
+            del children[i]
+            if not stopping:
+                # Back off if a process keeps dying (e.g. a job that crashes it).
+                wait = 1.0 if time.monotonic() - restarts.get(i, 0) > 30 else 5.0
+                log.error("worker %d exited with %s; restarting in %.0fs", i, proc.exitcode, wait)
+                time.sleep(wait)
+                restarts[i] = time.monotonic()
+                start(i)
+    return 0
