@@ -35,7 +35,7 @@ async def submit_batch(body: UserIdsRequest, clients: ClientsDep) -> BatchAccept
     s = clients.settings
     if len(body.user_ids) > s.max_users_per_request:
         raise HTTPException(
-            status.HTTP_413_REQUEST_ENTITY_TOO_LARGE,
+            status.HTTP_413_CONTENT_TOO_LARGE,
             f"{len(body.user_ids)} user ids; at most {s.max_users_per_request} per request",
         )
     user_ids = unique_in_order(body.user_ids)

@@ -1,0 +1,152 @@
+"""The gateway against the real RabbitMQ and Redis: validation, publishing, progress, reads."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import httpx
+import numpy as np
+import pika
+import pytest
+import redis
+
+from api.app import create_app
+from shared.messages import decode_job
+from shared.settings import Settings
+from shared.store import Keys, encode_results, model_tag
+from shared.topology import HEADER_BATCH_ID, HEADER_USERS
+
+
+@pytest.fixture
+async def client(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as c:
+            yield c
+
+
+def _get_all(settings: Settings) -> list[tuple[pika.spec.BasicProperties, bytes]]:
+    conn = pika.BlockingConnection(pika.URLParameters(str(settings.amqp_url)))
+    channel = conn.channel()
+    out = []
+    while True:
+        method, props, body = channel.basic_get(settings.jobs_queue, auto_ack=True)
+        if method is None:
+            break
+        out.append((props, body))
+    conn.close()
+    return out
+
+
+async def test_batch_is_split_published_and_recorded(
+    client: httpx.AsyncClient, settings: Settings
+) -> None:
+    ids = [*range(2500), 7, 7]
+    resp = await client.post("/api/playlist/beta_recommend/", json={"user_ids": ids})
+    assert resp.status_code == 202, resp.text
+    body = resp.json()
+    assert body["jobs"] == 3 and body["users"] == 2500 and body["duplicates"] == 2
+
+    messages = _get_all(settings)
+    assert len(messages) == 3
+    jobs = sorted((decode_job(b) for _, b in messages), key=lambda j: j.job_id)
+    assert [u for j in jobs for u in j.user_ids] == list(range(2500))
+    for props, _ in messages:
+        assert props.content_type == "application/json"
+        assert props.delivery_mode == 2
+        assert props.headers[HEADER_BATCH_ID] == body["batch_id"]
+        assert props.message_id.startswith(body["batch_id"])
+        assert props.headers[HEADER_USERS] == len(decode_job(_).user_ids)
+
+    status = (await client.get(f"/api/batches/{body['batch_id']}")).json()
+    assert status["state"] == "queued"
+    assert status["jobs_total"] == 3 and status["users_total"] == 2500
+
+
+async def test_alias_used_by_the_client(client: httpx.AsyncClient) -> None:
+    resp = await client.post("/beta_recommend", json={"user_ids": [1, 2, 3]})
+    assert resp.status_code == 202 and resp.json()["jobs"] == 1
+
+
+@pytest.mark.parametrize(
+    ("body", "fragment"),
+    [
+        ({"user_ids": []}, "at least 1 item"),
+        ({"user_ids": ["1"]}, "valid integer"),
+        ({"user_ids": [1.5]}, "valid integer"),
+        ({"user_ids": [True]}, "valid integer"),
+        ({"user_ids": [-1]}, "greater than or equal to 0"),
+        ({"user_ids": [2**64]}, "less than or equal"),
+        ({"user_ids": [[1]]}, "valid integer"),
+        ({"users": [1]}, "user_ids"),
+        ({"user_ids": [1], "extra": 1}, "Extra inputs"),
+    ],
+)
+async def test_bad_input_is_422_with_the_reason(
+    client: httpx.AsyncClient, settings: Settings, body: dict, fragment: str
+) -> None:
+    resp = await client.post("/api/playlist/beta_recommend/", json=body)
+    assert resp.status_code == 422
+    assert fragment in resp.text
+    assert _get_all(settings) == []
+
+
+async def test_broken_json_is_422(client: httpx.AsyncClient) -> None:
+    resp = await client.post(
+        "/api/playlist/beta_recommend/",
+        content=b'{"user_ids": [1,',
+        headers={"content-type": "application/json"},
+    )
+    assert resp.status_code == 422
+
+
+async def test_too_many_users_is_413(settings: Settings) -> None:
+    app = create_app(settings.model_copy(update={"max_users_per_request": 10}))
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as c:
+            resp = await c.post("/beta_recommend", json={"user_ids": list(range(11))})
+    assert resp.status_code == 413 and "at most 10" in resp.text
+    assert _get_all(settings) == []
+
+
+async def test_reads_one_users_result(
+    client: httpx.AsyncClient, settings: Settings, redis_client: redis.Redis
+) -> None:
+    keys = Keys(settings.redis_prefix)
+    (raw,) = encode_results(
+        np.array([[9, 8, 7]]), np.array([True]), 1_700_000_000, model_tag("bpr-x")
+    )
+    redis_client.hset(keys.bucket_of(4242), "4242", raw)
+    redis_client.hset(keys.models, str(model_tag("bpr-x")), "bpr-x")
+    resp = await client.get("/api/playlist/4242")
+    assert resp.status_code == 200
+    assert resp.json() == {
+        "user_id": 4242,
+        "playlists": [9, 8, 7],
+        "model_version": "bpr-x",
+        "generated_at": 1_700_000_000,
+        "cold": True,
+    }
+    assert (await client.get("/api/playlist/4243")).status_code == 404
+    assert (await client.get("/api/playlist/-1")).status_code == 422
+    assert (await client.get("/api/playlist/abc")).status_code == 422
+
+
+async def test_unknown_or_malformed_batch_ids(client: httpx.AsyncClient) -> None:
+    assert (await client.get("/api/batches/nope")).status_code == 404
+    assert (await client.get("/api/batches/a:b*")).status_code == 422
+
+
+async def test_health_readiness_metrics_docs(client: httpx.AsyncClient) -> None:
+    assert (await client.get("/healthz")).json() == {"status": "ok"}
+    ready = await client.get("/readyz")
+    assert ready.status_code == 200 and ready.json()["checks"] == {"broker": True, "redis": True}
+    await client.post("/beta_recommend", json={"user_ids": [1]})
+    text = (await client.get("/metrics")).text
+    assert (
+        'recfleet_http_requests_total{method="POST",route="/beta_recommend",status="202"}' in text
+    )
+    assert "recfleet_jobs_published_total" in text
+    assert (await client.get("/openapi.json")).status_code == 200

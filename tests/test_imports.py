@@ -1,0 +1,49 @@
+"""The direction of imports: api -> shared <- worker; only worker and offline load torch."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+
+def _modules_after_import(code: str) -> set[str]:
+    out = subprocess.run(
+        [sys.executable, "-c", code + "\nimport sys\nprint('\\n'.join(sys.modules))"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    return set(out.split())
+
+
+def test_importing_every_api_module_never_loads_torch() -> None:
+    code = (
+        "import importlib, pkgutil, api\n"
+        "for m in pkgutil.walk_packages(api.__path__, 'api.'):\n"
+        "    importlib.import_module(m.name)\n"
+        "from api.app import create_app\n"
+        "create_app()"
+    )
+    loaded = _modules_after_import(code)
+    assert "api.app" in loaded
+    assert "torch" not in loaded
+    assert not any(m.startswith(("worker", "offline")) for m in loaded)
+
+
+@pytest.mark.parametrize("package", ["shared"])
+def test_shared_imports_neither_side(package: str) -> None:
+    code = (
+        f"import importlib, pkgutil, {package}\n"
+        f"for m in pkgutil.walk_packages({package}.__path__, '{package}.'):\n"
+        "    importlib.import_module(m.name)"
+    )
+    loaded = _modules_after_import(code)
+    assert "torch" not in loaded
+    assert not any(m.split(".")[0] in ("api", "worker", "offline", "cli") for m in loaded)
+
+
+def test_worker_loads_torch_only_when_used() -> None:
+    loaded = _modules_after_import("import worker.handler")
+    assert "torch" in loaded  # the worker is where torch lives

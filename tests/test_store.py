@@ -1,0 +1,45 @@
+"""Result encoding and the batch ledger document."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from shared.store import Keys, batch_status, decode_result, encode_results, model_tag
+
+
+def test_results_round_trip_with_padding_and_cold_flag() -> None:
+    playlists = np.array([[3, 1, 2], [7, -1, -1]], dtype=np.int64)
+    raw = encode_results(playlists, np.array([False, True]), 1_700_000_000, model_tag("m1"))
+    first, second = (decode_result(r) for r in raw)
+    assert first.playlists == [3, 1, 2] and not first.cold
+    assert second.playlists == [7] and second.cold
+    assert first.generated_at == 1_700_000_000 and first.model_tag == model_tag("m1")
+
+
+def test_wide_playlist_ids_survive() -> None:
+    playlists = np.array([[2**40, 5]], dtype=np.int64)
+    (raw,) = encode_results(playlists, np.array([False]), 1, 2)
+    assert decode_result(raw).playlists == [2**40, 5]
+
+
+def test_encoding_is_deterministic() -> None:
+    playlists = np.arange(20).reshape(2, 10)
+    a = encode_results(playlists, np.zeros(2, bool), 5, 6)
+    b = encode_results(playlists.copy(), np.zeros(2, bool), 5, 6)
+    assert a == b and len(a[0]) == 9 + 4 * 10
+
+
+def test_keys_keep_a_batch_in_one_slot_and_spread_results() -> None:
+    keys = Keys("rf")
+    assert keys.batch("abc").endswith("{abc}") and "{abc}" in keys.batch_done("abc")
+    assert keys.bucket_of(0) == keys.bucket_of(127) != keys.bucket_of(128)
+
+
+def test_batch_state_machine() -> None:
+    base = {"jobs_total": 4, "users_total": 4000, "created_at": "100.0"}
+    assert batch_status("b", base)["state"] == "queued"
+    running = {**base, "jobs_done": 1, "users_done": 1000, "last_done_at": "102.0"}
+    doc = batch_status("b", running)
+    assert doc["state"] == "running" and doc["users_per_s"] == 500.0 and doc["eta_s"] == 6.0
+    assert batch_status("b", {**base, "jobs_done": 4})["state"] == "done"
+    assert batch_status("b", {**base, "jobs_done": 3, "jobs_dead": 1})["state"] == "failed"
