@@ -75,7 +75,7 @@ def small_artifacts(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from offline.build import build_artifacts
 
     out = tmp_path_factory.mktemp("artifacts") / "small"
-    build_artifacts(out, n_users=3000, n_playlists=800, seed=7, epochs=3)
+    build_artifacts(out, n_users=6000, n_playlists=1000, seed=7, epochs=3)
     return out
 
 

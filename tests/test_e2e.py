@@ -1,0 +1,82 @@
+"""End to end: HTTP -> gateway -> RabbitMQ -> worker processes -> Redis -> HTTP."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import redis
+
+from cli.client import submit, wait
+from cli.fleet import LocalFleet
+from shared.artifacts import load_artifacts
+from shared.settings import Settings
+from shared.store import Keys, decode_result
+from worker.ranking import Ranker
+
+pytestmark = pytest.mark.e2e
+
+
+def test_5000_users_over_http_each_result_equals_direct_ranking(
+    fleet_settings: Settings, tmp_path: Path
+) -> None:
+    user_ids = list(range(5000))
+    with LocalFleet(fleet_settings, processes=2, log_dir=tmp_path) as fleet:
+        fleet.wait_workers_consuming()
+        with httpx.Client(base_url=fleet.base_url, timeout=60) as client:
+            sub = submit(client, user_ids, chunk=5000)
+            assert sub.users == 5000 and sub.jobs == 5
+            (status,) = wait(client, sub.batch_ids, sub.users, show=False)
+            assert status["state"] == "done"
+            assert status["users_done"] == 5000 and status["jobs_done"] == 5
+            sample = client.get("/api/playlist/1234").json()
+            metrics = httpx.get(f"http://127.0.0.1:{fleet.worker_metrics_ports()[0]}/metrics").text
+
+    art = load_artifacts(fleet_settings.artifacts)
+    direct = Ranker.from_artifacts(art, k=fleet_settings.top_k).rank(
+        art.user_rows(np.array(user_ids))
+    )
+    keys = Keys(fleet_settings.redis_prefix)
+    client = redis.Redis.from_url(str(fleet_settings.redis_url))
+    with client.pipeline(transaction=False) as pipe:
+        for uid in user_ids:
+            pipe.hget(keys.bucket_of(uid), str(uid))
+        stored = pipe.execute()
+    client.close()
+    assert all(raw is not None for raw in stored)
+    for i, raw in enumerate(stored):
+        rows = direct.playlists[i][direct.playlists[i] >= 0]
+        assert decode_result(raw).playlists == art.playlist_ids[rows].tolist(), f"user {i}"
+
+    assert sample["user_id"] == 1234 and sample["model_version"] == art.model_version
+    assert sample["playlists"] == decode_result(stored[1234]).playlists
+    assert "recfleet_worker_users_total" in metrics
+    assert f'recfleet_model_info{{model_version="{art.model_version}"}} 1.0' in metrics
+
+
+def test_worker_refuses_corrupt_artifacts_with_a_clear_message(
+    fleet_settings: Settings, tmp_path: Path
+) -> None:
+    import shutil
+    import subprocess
+    import sys
+
+    from cli.fleet import settings_env
+
+    broken = tmp_path / "broken"
+    shutil.copytree(fleet_settings.artifacts, broken)
+    with (broken / "candidates_indices.npy").open("r+b") as fh:
+        fh.seek(-3, 2)
+        fh.write(b"\xff\xff\xff")
+    env = settings_env(fleet_settings.model_copy(update={"artifacts": broken}))
+    proc = subprocess.run(
+        [sys.executable, "-m", "cli.main", "worker"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode != 0
+    assert "candidates_indices.npy: checksum mismatch" in proc.stderr

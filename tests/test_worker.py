@@ -1,0 +1,134 @@
+"""The worker's job handling against real Redis and RabbitMQ (no gateway)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+
+import numpy as np
+import pika
+import pytest
+import redis
+
+from shared.artifacts import load_artifacts
+from shared.messages import make_jobs
+from shared.settings import Settings
+from shared.store import Keys, decode_result, new_batch_fields
+from shared.topology import HEADER_BATCH_ID, HEADER_USERS
+from worker.consumer import Consumer, declare_topology
+from worker.handler import JobHandler
+from worker.ranking import Ranker
+
+
+@pytest.fixture
+def handler(fleet_settings: Settings) -> Iterator[JobHandler]:
+    client = redis.Redis.from_url(str(fleet_settings.redis_url))
+    yield JobHandler(fleet_settings, load_artifacts(fleet_settings.artifacts), client)
+    client.close()
+
+
+def _snapshot(client: redis.Redis, prefix: str) -> dict[bytes, object]:
+    out: dict[bytes, object] = {}
+    for key in sorted(client.scan_iter(match=f"{prefix}:*")):
+        kind = client.type(key)
+        if kind == b"hash":
+            out[key] = client.hgetall(key)
+        elif kind == b"set":
+            out[key] = client.smembers(key)
+    return out
+
+
+def test_results_equal_direct_ranking_and_cold_users_get_the_fallback(
+    handler: JobHandler, fleet_settings: Settings
+) -> None:
+    art = handler.artifacts
+    users = [0, 1, 2, 500, art.n_users - 1, 10**12]
+    (job,) = make_jobs("b1", users, 1000)
+    summary = handler.handle(job)
+    assert summary.users == 6 and summary.cold >= 1
+
+    direct = Ranker.from_artifacts(art, k=fleet_settings.top_k).rank(art.user_rows(np.array(users)))
+    keys = Keys(fleet_settings.redis_prefix)
+    for i, uid in enumerate(users):
+        raw = handler.redis.hget(keys.bucket_of(uid), str(uid))
+        assert raw is not None
+        result = decode_result(raw)
+        rows = direct.playlists[i][direct.playlists[i] >= 0]
+        assert result.playlists == art.playlist_ids[rows].tolist()
+        assert result.cold == bool(direct.cold[i])
+        assert result.generated_at == int(job.created_at)
+    unknown = decode_result(handler.redis.hget(keys.bucket_of(10**12), str(10**12)) or b"")
+    assert unknown.cold
+    assert unknown.playlists == art.playlist_ids[art.fallback[: fleet_settings.top_k]].tolist()
+
+
+def test_a_redelivered_job_changes_nothing(handler: JobHandler, fleet_settings: Settings) -> None:
+    keys = Keys(fleet_settings.redis_prefix)
+    jobs = make_jobs("b2", list(range(1500)), 1000)
+    handler.redis.hset(keys.batch("b2"), mapping=new_batch_fields(len(jobs), 1500))
+    for job in jobs:
+        handler.handle(job)
+    before = _snapshot(handler.redis, fleet_settings.redis_prefix)
+    handler.handle(jobs[0])
+    handler.handle(jobs[1])
+    assert _snapshot(handler.redis, fleet_settings.redis_prefix) == before
+    ledger = handler.redis.hgetall(keys.batch("b2"))
+    assert ledger[b"jobs_done"] == b"2" and ledger[b"users_done"] == b"1500"
+
+
+@pytest.fixture
+def running_consumer(handler: JobHandler, fleet_settings: Settings) -> Iterator[Consumer]:
+    consumer = Consumer(fleet_settings, handler)
+    thread = threading.Thread(target=consumer.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not consumer.healthy:
+        assert time.monotonic() < deadline, "consumer did not start"
+        time.sleep(0.05)
+    yield consumer
+    consumer.stop()
+    thread.join(timeout=30)
+    assert not thread.is_alive()
+
+
+def _wait_for(predicate, timeout: float = 30) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def test_consumer_ranks_jobs_and_dead_letters_bad_messages(
+    running_consumer: Consumer, handler: JobHandler, fleet_settings: Settings
+) -> None:
+    keys = Keys(fleet_settings.redis_prefix)
+    jobs = make_jobs("b3", list(range(2000)), 1000)
+    handler.redis.hset(keys.batch("b3"), mapping=new_batch_fields(len(jobs) + 1, 2100))
+    conn = pika.BlockingConnection(pika.URLParameters(str(fleet_settings.amqp_url)))
+    channel = conn.channel()
+    declare_topology(channel, fleet_settings)
+    channel.confirm_delivery()
+    for job in jobs:
+        channel.basic_publish("", fleet_settings.jobs_queue, job.encode())
+    bad_props = pika.BasicProperties(
+        message_id="b3-9", headers={HEADER_BATCH_ID: "b3", HEADER_USERS: 100}
+    )
+    channel.basic_publish("", fleet_settings.jobs_queue, b"\x00garbage", bad_props)
+
+    def ledger() -> dict[bytes, bytes]:
+        return handler.redis.hgetall(keys.batch("b3"))  # type: ignore[return-value]
+
+    _wait_for(lambda: ledger().get(b"jobs_done") == b"2" and ledger().get(b"jobs_dead") == b"1")
+    _wait_for(
+        lambda: (
+            channel.queue_declare(
+                fleet_settings.dead_letter_queue, passive=True
+            ).method.message_count
+            == 1
+        )
+    )
+    method, _props, body = channel.basic_get(fleet_settings.dead_letter_queue, auto_ack=True)
+    assert method is not None and body == b"\x00garbage"
+    assert ledger()[b"users_dead"] == b"100"
+    conn.close()
