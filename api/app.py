@@ -11,6 +11,7 @@ from redis.asyncio import Redis
 
 from api.broker import Publisher
 from api.deps import Clients
+from api.limits import BodySizeLimit
 from api.metrics import MetricsMiddleware
 from api.routes import batches, health, playlists
 from shared.settings import Settings, get_settings
@@ -44,6 +45,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         summary="Submit users for daily playlist ranking and read their recommendations.",
         lifespan=lifespan,
     )
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(MetricsMiddleware)
     app.include_router(batches.router)
     app.include_router(playlists.router)

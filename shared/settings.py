@@ -37,6 +37,8 @@ class Settings(BaseSettings):
     job_size: int = Field(default=1000, ge=1, le=1000)
     max_users_per_request: int = Field(default=100_000, ge=1)
     publish_timeout_s: float = Field(default=10.0, gt=0)
+    max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
+    idempotency_window_s: int = Field(default=24 * 3600, ge=1)
 
     # Worker.
     prefetch: int = Field(default=4, ge=1, le=1000)

@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator
 
 import httpx
 import numpy as np
+import orjson
 import pika
 import pytest
 import redis
@@ -150,3 +151,43 @@ async def test_health_readiness_metrics_docs(client: httpx.AsyncClient) -> None:
     )
     assert "recfleet_jobs_published_total" in text
     assert (await client.get("/openapi.json")).status_code == 200
+
+
+async def test_oversized_body_is_413_before_it_is_read(settings: Settings) -> None:
+    app = create_app(settings.model_copy(update={"max_body_bytes": 2048}))
+    body = orjson.dumps({"user_ids": list(range(1000))})
+
+    async def chunked() -> AsyncIterator[bytes]:
+        for i in range(0, len(body), 512):
+            yield body[i : i + 512]
+
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as c:
+            declared = await c.post(
+                "/beta_recommend", content=body, headers={"content-type": "application/json"}
+            )
+            streamed = await c.post(
+                "/beta_recommend", content=chunked(), headers={"content-type": "application/json"}
+            )
+    for resp in (declared, streamed):
+        assert resp.status_code == 413 and "larger than 2048 bytes" in resp.text
+    assert _get_all(settings) == []
+
+
+async def test_idempotency_key_returns_the_same_batch(
+    client: httpx.AsyncClient, settings: Settings
+) -> None:
+    headers = {"Idempotency-Key": "daily-2026-11-24"}
+    first = await client.post("/beta_recommend", json={"user_ids": [1, 2]}, headers=headers)
+    again = await client.post("/beta_recommend", json={"user_ids": [1, 2]}, headers=headers)
+    assert first.status_code == again.status_code == 202
+    assert first.json() == again.json()
+    assert len(_get_all(settings)) == 1
+
+    other = await client.post("/beta_recommend", json={"user_ids": [3]}, headers=headers)
+    assert other.status_code == 409 and "different body" in other.text
+    bad = await client.post(
+        "/beta_recommend", json={"user_ids": [3]}, headers={"Idempotency-Key": "a b"}
+    )
+    assert bad.status_code == 422

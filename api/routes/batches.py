@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, HTTPException, Path, status
+import orjson
+from fastapi import APIRouter, Header, HTTPException, Path, status
 from fastapi.responses import JSONResponse
 
 from api import metrics
 from api.broker import PublishFailed
-from api.deps import ClientsDep
+from api.deps import Clients, ClientsDep
+from api.idempotency import KEY_PATTERN, IdempotencyConflict, IdempotencyStore, digest
 from api.schemas import BatchAccepted, BatchStatus, Problem, UserIdsRequest
 from shared.messages import ID_PATTERN, make_jobs, new_id
 from shared.store import batch_status, new_batch_fields
@@ -27,9 +29,16 @@ def unique_in_order(user_ids: list[int]) -> list[int]:
     "/api/playlist/beta_recommend/",
     status_code=status.HTTP_202_ACCEPTED,
     response_model=BatchAccepted,
-    responses={413: {"model": Problem}, 503: {"model": Problem}},
+    responses={409: {"model": Problem}, 413: {"model": Problem}, 503: {"model": Problem}},
 )
-async def submit_batch(body: UserIdsRequest, clients: ClientsDep) -> BatchAccepted:
+async def submit_batch(
+    body: UserIdsRequest,
+    clients: ClientsDep,
+    idempotency_key: Annotated[
+        str | None,
+        Header(description="the same key within the window returns the same batch"),
+    ] = None,
+) -> BatchAccepted:
     """Queue a batch: split into jobs of at most ``job_size`` users, publish each with a
     publisher confirm, and answer 202 only once the broker confirmed every job."""
     s = clients.settings
@@ -38,6 +47,32 @@ async def submit_batch(body: UserIdsRequest, clients: ClientsDep) -> BatchAccept
             status.HTTP_413_CONTENT_TOO_LARGE,
             f"{len(body.user_ids)} user ids; at most {s.max_users_per_request} per request",
         )
+    if idempotency_key is None:
+        return await _queue_batch(body, clients)
+    if not KEY_PATTERN.fullmatch(idempotency_key):
+        raise HTTPException(
+            status.HTTP_422_UNPROCESSABLE_CONTENT,
+            "Idempotency-Key must be 1-128 characters of letters, digits and _.:-",
+        )
+    store = IdempotencyStore(clients.redis, s.redis_prefix, s.idempotency_window_s)
+    body_digest = digest(orjson.dumps(body.user_ids))
+    try:
+        earlier = await store.begin(idempotency_key, body_digest)
+    except IdempotencyConflict as exc:
+        raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from exc
+    if earlier is not None:
+        return BatchAccepted(**earlier)
+    try:
+        accepted = await _queue_batch(body, clients)
+    except BaseException:
+        await store.abandon(idempotency_key)
+        raise
+    await store.finish(idempotency_key, body_digest, accepted.model_dump())
+    return accepted
+
+
+async def _queue_batch(body: UserIdsRequest, clients: Clients) -> BatchAccepted:
+    s = clients.settings
     user_ids = unique_in_order(body.user_ids)
     batch_id = new_id()
     jobs = make_jobs(batch_id, user_ids, s.job_size)

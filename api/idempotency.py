@@ -1,0 +1,70 @@
+"""``Idempotency-Key``: the same key within a window returns the same batch, not a second one."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+
+import orjson
+from redis.asyncio import Redis
+
+KEY_PATTERN = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
+PENDING = b"pending"
+
+
+class IdempotencyConflict(Exception):
+    """The key is in use by a request still running, or by a request with another body."""
+
+
+def digest(value: bytes | str) -> str:
+    data = value.encode() if isinstance(value, str) else value
+    return hashlib.sha256(data).hexdigest()
+
+
+class IdempotencyStore:
+    """Remembers the answer to a keyed request for ``window_s`` seconds.
+
+    The client's key is hashed before it becomes part of a Redis key, and the stored
+    entry remembers a hash of the body, so a key reused for another body is refused.
+    """
+
+    def __init__(self, redis: Redis, prefix: str, window_s: int) -> None:
+        self.redis = redis
+        self.prefix = prefix
+        self.window_s = window_s
+
+    def _key(self, key: str) -> str:
+        return f"{self.prefix}:idem:{digest(key)}"
+
+    async def begin(self, key: str, body_digest: str) -> dict | None:
+        """Claim ``key``; return the earlier answer if the same request already succeeded.
+
+        Raises IdempotencyConflict when the key is held by a running request or was used
+        with a different body.
+        """
+        rkey = self._key(key)
+        claimed = await self.redis.set(
+            rkey,
+            orjson.dumps({"state": "pending", "body": body_digest}),
+            nx=True,
+            ex=self.window_s,
+        )
+        if claimed:
+            return None
+        raw = await self.redis.get(rkey)
+        if raw is None:  # expired between the two calls: claim again
+            return await self.begin(key, body_digest)
+        entry = orjson.loads(raw)
+        if entry.get("body") != body_digest:
+            raise IdempotencyConflict("Idempotency-Key was already used with a different body")
+        if entry.get("state") == "pending":
+            raise IdempotencyConflict("a request with this Idempotency-Key is still running")
+        return dict(entry["response"])
+
+    async def finish(self, key: str, body_digest: str, response: dict) -> None:
+        entry = {"state": "done", "body": body_digest, "response": response}
+        await self.redis.set(self._key(key), orjson.dumps(entry), ex=self.window_s)
+
+    async def abandon(self, key: str) -> None:
+        """Release the key after a failure, so the client's retry runs afresh."""
+        await self.redis.delete(self._key(key))
