@@ -30,3 +30,10 @@ RECOMMENDED_BY_POPULARITY = "recfleet_recommended_total"  # labels: popularity_b
 # Queue (sampled by workers through a passive declare)
 QUEUE_MESSAGES = "recfleet_queue_messages"  # labels: queue
 QUEUE_CONSUMERS = "recfleet_queue_consumers"  # labels: queue
+
+# Feedback (gateway; the CTR gauges are refreshed from PostgreSQL every minute)
+FEEDBACK_CTR = "recfleet_feedback_ctr"  # labels: model_version; impressions liked, last 24 h
+FEEDBACK_WINDOW_IMPRESSIONS = "recfleet_feedback_window_impressions"  # labels: model_version
+FEEDBACK_IMPRESSIONS = "recfleet_feedback_impressions_total"  # labels: model_version
+FEEDBACK_LIKES = "recfleet_feedback_likes_total"  # labels: model_version
+FEEDBACK_FAILURES = "recfleet_feedback_failures_total"  # labels: reason
