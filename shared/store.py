@@ -9,6 +9,12 @@ Keys (``P`` is the configured prefix, ``rf`` by default)::
     P:b:{<batch_id>}        hash, the batch ledger: totals, counts, timestamps
     P:b:{<batch_id>}:done   set of finished job ids (makes progress idempotent)
     P:b:{<batch_id>}:dead   set of dead-lettered job ids
+    P:batches               sorted set, batch id -> time of its latest progress (lets
+                            monitoring find recent batches without scanning keys)
+    P:drift:reference       string, the batch id an operator pinned as drift reference
+
+A ledger also holds ``rec_<bucket>`` fields: how many recommended playlists of the
+batch fell in each popularity-rank bucket (see ``shared.drift``), for drift tests.
 
 The ``{batch_id}`` hash tag keeps a batch's keys in one Cluster slot, so the
 progress script touches one slot only; result buckets spread over all slots.
@@ -22,6 +28,7 @@ from __future__ import annotations
 import struct
 import time
 import zlib
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,6 +62,14 @@ class Keys:
 
     def batch_dead(self, batch_id: str) -> str:
         return f"{self.prefix}:b:{{{batch_id}}}:dead"
+
+    @property
+    def batches(self) -> str:
+        return f"{self.prefix}:batches"
+
+    @property
+    def drift_reference(self) -> str:
+        return f"{self.prefix}:drift:reference"
 
 
 def model_tag(model_version: str) -> int:
@@ -111,7 +126,8 @@ def decode_result(raw: bytes) -> Result:
 
 
 # Records a finished (or dead-lettered) job once, however often it is delivered.
-# KEYS: batch hash, job set (done or dead). ARGV: job id, users, cold users, now, ttl, field.
+# KEYS: batch hash, job set (done or dead). ARGV: job id, users, cold users, now, ttl, field,
+# then optional (ledger field, count) pairs added to the batch, e.g. popularity buckets.
 PROGRESS_SCRIPT = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 if redis.call('SADD', KEYS[2], ARGV[1]) == 0 then return 0 end
@@ -122,8 +138,31 @@ redis.call('HINCRBY', KEYS[1], 'users_' .. kind, ARGV[2])
 redis.call('HINCRBY', KEYS[1], 'cold_users', ARGV[3])
 redis.call('HSETNX', KEYS[1], 'first_done_at', ARGV[4])
 redis.call('HSET', KEYS[1], 'last_done_at', ARGV[4])
+for i = 7, #ARGV - 1, 2 do
+  redis.call('HINCRBY', KEYS[1], ARGV[i], ARGV[i + 1])
+end
 return 1
 """
+POPULARITY_FIELD = "rec_"
+
+
+def popularity_args(counts: Mapping[str, int]) -> list[str | int]:
+    """The extra PROGRESS_SCRIPT arguments that add per-bucket counts (zeros left out)."""
+    out: list[str | int] = []
+    for label, n in counts.items():
+        if n:
+            out += [POPULARITY_FIELD + label, int(n)]
+    return out
+
+
+def popularity_counts(fields: Mapping[Any, Any]) -> dict[str, int]:
+    """Per-bucket recommendation counts of a ledger (as read from Redis)."""
+    out = {}
+    for key, value in fields.items():
+        name = key.decode() if isinstance(key, bytes) else key
+        if name.startswith(POPULARITY_FIELD):
+            out[name.removeprefix(POPULARITY_FIELD)] = int(value)
+    return out
 
 
 def new_batch_fields(jobs_total: int, users_total: int) -> dict[str, Any]:
@@ -184,4 +223,5 @@ def batch_status(batch_id: str, fields: dict[Any, Any]) -> dict[str, Any]:
         "last_done_at": last,
         "users_per_s": rate,
         "eta_s": eta,
+        "recommended_by_popularity": popularity_counts(f),
     }
