@@ -12,20 +12,17 @@ from dataclasses import dataclass
 
 import numpy as np
 import redis
-from worker.ranking import Ranker
 
 from shared.artifacts import Artifacts
+from shared.drift import POPULARITY_EDGES, POPULARITY_LABELS
 from shared.errors import TransientError
 from shared.messages import Job
 from shared.settings import Settings
-from shared.store import PROGRESS_SCRIPT, Keys, encode_results, model_tag
+from shared.store import PROGRESS_SCRIPT, Keys, encode_results, model_tag, popularity_args
 from worker import metrics
+from worker.ranking import Ranker
 
 log = logging.getLogger(__name__)
-
-# Popularity-rank buckets for the prediction-distribution metric: top 10, 100, ...
-POPULARITY_EDGES = (10, 100, 1_000, 10_000, 100_000)
-POPULARITY_LABELS = ("top10", "top100", "top1k", "top10k", "top100k", "tail")
 
 
 @dataclass(frozen=True)
@@ -78,17 +75,31 @@ class JobHandler:
         rows = ranked.playlists
         external = np.where(rows >= 0, self.artifacts.playlist_ids[np.maximum(rows, 0)], -1)
         values = encode_results(external, ranked.cold, int(job.created_at), self.tag)
+        recommended = self.recommended_by_bucket(rows)
         rank_s = time.perf_counter() - start
 
         write_start = time.perf_counter()
-        self._write(job, user_ids, values, int(ranked.cold.sum()))
+        self._write(job, user_ids, values, int(ranked.cold.sum()), recommended)
         write_s = time.perf_counter() - write_start
 
         cold = int(ranked.cold.sum())
-        self._observe(rows, ranked.n_candidates, len(user_ids), cold, rank_s, write_s)
+        self._observe(recommended, ranked.n_candidates, len(user_ids), cold, rank_s, write_s)
         return JobSummary(users=len(user_ids), cold=cold, rank_s=rank_s, write_s=write_s)
 
-    def _write(self, job: Job, user_ids: np.ndarray, values: list[bytes], cold: int) -> None:
+    def recommended_by_bucket(self, rows: np.ndarray) -> dict[str, int]:
+        """How many of the recommended playlist rows fall in each popularity-rank bucket."""
+        shown = rows[rows >= 0]
+        hist = np.bincount(self._pop_bucket[shown], minlength=len(POPULARITY_LABELS))
+        return dict(zip(POPULARITY_LABELS, hist.tolist(), strict=True))
+
+    def _write(
+        self,
+        job: Job,
+        user_ids: np.ndarray,
+        values: list[bytes],
+        cold: int,
+        recommended: dict[str, int],
+    ) -> None:
         by_bucket: dict[str, dict[int, bytes]] = defaultdict(dict)
         for uid, value in zip(user_ids.tolist(), values, strict=True):
             by_bucket[self.keys.bucket_of(uid)][uid] = value
@@ -105,16 +116,19 @@ class JobHandler:
                         f"{time.time():.3f}",
                         self.settings.batch_ttl_s,
                         "done",
+                        *popularity_args(recommended),
                     ],
                     client=pipe,
                 )
+                # Lets monitoring find recent batches without scanning the keyspace.
+                pipe.zadd(self.keys.batches, {job.batch_id: time.time()})
                 pipe.execute()
         except redis.RedisError as exc:
             raise TransientError(f"Redis unavailable: {exc}") from exc
 
     def _observe(
         self,
-        rows: np.ndarray,
+        recommended: dict[str, int],
         n_candidates: np.ndarray,
         users: int,
         cold: int,
@@ -130,18 +144,27 @@ class JobHandler:
         if users:
             metrics.CANDIDATES.observe(float(n_candidates.mean()))
             metrics.CANDIDATES_TOTAL.inc(int(n_candidates.sum()))
-        shown = rows[rows >= 0]
-        hist = np.bincount(self._pop_bucket[shown], minlength=len(POPULARITY_LABELS))
-        for label, n in zip(POPULARITY_LABELS, hist.tolist(), strict=True):
+        for label, n in recommended.items():
             if n:
                 metrics.RECOMMENDED.labels(label).inc(n)
 
     def record_dead(self, batch_id: str, job_id: str, users: int) -> None:
         """Count a dead-lettered job in its batch ledger (once). Raises TransientError."""
         try:
-            self._progress(
-                keys=[self.keys.batch(batch_id), self.keys.batch_dead(batch_id)],
-                args=[job_id, users, 0, f"{time.time():.3f}", self.settings.batch_ttl_s, "dead"],
-            )
+            with self.redis.pipeline(transaction=False) as pipe:
+                self._progress(
+                    keys=[self.keys.batch(batch_id), self.keys.batch_dead(batch_id)],
+                    args=[
+                        job_id,
+                        users,
+                        0,
+                        f"{time.time():.3f}",
+                        self.settings.batch_ttl_s,
+                        "dead",
+                    ],
+                    client=pipe,
+                )
+                pipe.zadd(self.keys.batches, {batch_id: time.time()})
+                pipe.execute()
         except redis.RedisError as exc:
             raise TransientError(f"Redis unavailable: {exc}") from exc
