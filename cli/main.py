@@ -200,9 +200,11 @@ def status(batch_id: str, api_url: str | None) -> None:
 
 from cli.bench import bench  # noqa: E402
 from cli.demo import demo  # noqa: E402
+from cli.dlq import dlq  # noqa: E402
 
 cli.add_command(bench)
 cli.add_command(demo)
+cli.add_command(dlq)
 
 
 def main() -> None:

@@ -1,0 +1,190 @@
+"""``recfleet dlq``: look at, replay or drop dead-lettered jobs, by batch id or job id."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import click
+import pika
+import pika.exceptions
+from pika.adapters.blocking_connection import BlockingChannel
+
+from shared.settings import Settings, get_settings
+from shared.topology import HEADER_BATCH_ID, HEADER_DEAD_REASON, HEADER_USERS
+
+
+@dataclass
+class DeadJob:
+    delivery_tag: int
+    job_id: str | None
+    batch_id: str | None
+    users: int | None
+    reason: str
+    properties: pika.BasicProperties
+    body: bytes
+
+    def matches(self, batch_id: str | None, job_id: str | None) -> bool:
+        if batch_id is None and job_id is None:
+            return True
+        return (batch_id is not None and self.batch_id == batch_id) or (
+            job_id is not None and self.job_id == job_id
+        )
+
+
+def _reason(props: pika.BasicProperties) -> str:
+    headers = props.headers or {}
+    if HEADER_DEAD_REASON in headers:
+        return str(headers[HEADER_DEAD_REASON])
+    deaths = headers.get("x-death") or []
+    if deaths:
+        death = deaths[0]
+        reason = death.get("reason", b"")
+        reason = reason.decode() if isinstance(reason, bytes) else str(reason)
+        if reason == "delivery_limit":
+            return "delivery limit reached (the job kept failing or crashing workers)"
+        if reason == "rejected":
+            return "rejected by a worker (undecodable or invalid job)"
+        return reason
+    return "unknown"
+
+
+@contextmanager
+def _channel(settings: Settings) -> Iterator[BlockingChannel]:
+    try:
+        conn = pika.BlockingConnection(pika.URLParameters(str(settings.amqp_url)))
+    except pika.exceptions.AMQPError as exc:
+        raise click.ClickException(
+            f"cannot reach RabbitMQ at {settings.amqp_url}: {exc!r}"
+        ) from exc
+    try:
+        channel = conn.channel()
+        channel.confirm_delivery()
+        yield channel
+    finally:
+        if conn.is_open:
+            conn.close()
+
+
+def _take_all(channel: BlockingChannel, queue: str, limit: int) -> list[DeadJob]:
+    """Fetch up to ``limit`` messages without acking them (they return if not settled)."""
+    jobs = []
+    while len(jobs) < limit:
+        try:
+            method, props, body = channel.basic_get(queue, auto_ack=False)
+        except pika.exceptions.ChannelClosedByBroker as exc:
+            raise click.ClickException(f"queue {queue}: {exc.reply_text}") from exc
+        if method is None:
+            break
+        headers = props.headers or {}
+        users = headers.get(HEADER_USERS)
+        jobs.append(
+            DeadJob(
+                delivery_tag=method.delivery_tag,
+                job_id=props.message_id,
+                batch_id=headers.get(HEADER_BATCH_ID),
+                users=users if isinstance(users, int) else None,
+                reason=_reason(props),
+                properties=props,
+                body=body,
+            )
+        )
+    return jobs
+
+
+selection = [
+    click.option("--batch", "batch_id", default=None, help="only jobs of this batch"),
+    click.option("--job", "job_id", default=None, help="only this job"),
+    click.option(
+        "--limit",
+        type=click.IntRange(1),
+        default=100_000,
+        show_default=True,
+        help="look at most this many dead-lettered messages",
+    ),
+]
+
+
+def _with_selection(fn):  # type: ignore[no-untyped-def]
+    for option in reversed(selection):
+        fn = option(fn)
+    return fn
+
+
+@click.group()
+def dlq() -> None:
+    """Dead-lettered jobs: list them, replay them onto the jobs queue, or purge them."""
+
+
+@dlq.command("list")
+@_with_selection
+def dlq_list(batch_id: str | None, job_id: str | None, limit: int) -> None:
+    """List dead-lettered jobs with the reason each was dead-lettered."""
+    s = get_settings()
+    with _channel(s) as channel:
+        jobs = _take_all(channel, s.dead_letter_queue, limit)
+        shown = [j for j in jobs if j.matches(batch_id, job_id)]
+        for j in shown:
+            click.echo(
+                f"{j.job_id or '-':40} batch {j.batch_id or '-':34} users "
+                f"{j.users if j.users is not None else '-':>5}  {j.reason}"
+            )
+        for j in jobs:
+            channel.basic_nack(j.delivery_tag, requeue=True)
+    click.echo(f"{len(shown)} of {len(jobs)} dead-lettered jobs shown", err=True)
+
+
+@dlq.command("replay")
+@_with_selection
+def dlq_replay(batch_id: str | None, job_id: str | None, limit: int) -> None:
+    """Publish the selected jobs to the jobs queue again (confirmed), then drop them here."""
+    s = get_settings()
+    replayed = 0
+    with _channel(s) as channel:
+        jobs = _take_all(channel, s.dead_letter_queue, limit)
+        for j in jobs:
+            if not j.matches(batch_id, job_id):
+                channel.basic_nack(j.delivery_tag, requeue=True)
+                continue
+            props = j.properties
+            headers = {
+                k: v
+                for k, v in (props.headers or {}).items()
+                if not k.startswith("x-death") and k != HEADER_DEAD_REASON
+            }
+            channel.basic_publish(
+                "",
+                s.jobs_queue,
+                j.body,
+                pika.BasicProperties(
+                    content_type=props.content_type,
+                    delivery_mode=2,
+                    message_id=props.message_id,
+                    headers=headers,
+                ),
+                mandatory=True,
+            )
+            channel.basic_ack(j.delivery_tag)
+            replayed += 1
+    click.echo(f"replayed {replayed} jobs onto {s.jobs_queue}")
+
+
+@dlq.command("purge")
+@_with_selection
+@click.option("--yes", is_flag=True, help="do not ask for confirmation")
+def dlq_purge(batch_id: str | None, job_id: str | None, limit: int, yes: bool) -> None:
+    """Drop the selected dead-lettered jobs for good."""
+    if not yes:
+        what = f"batch {batch_id}" if batch_id else f"job {job_id}" if job_id else "every job"
+        click.confirm(f"drop {what} from the dead-letter queue?", abort=True)
+    s = get_settings()
+    dropped = 0
+    with _channel(s) as channel:
+        for j in _take_all(channel, s.dead_letter_queue, limit):
+            if j.matches(batch_id, job_id):
+                channel.basic_ack(j.delivery_tag)
+                dropped += 1
+            else:
+                channel.basic_nack(j.delivery_tag, requeue=True)
+    click.echo(f"dropped {dropped} jobs")
