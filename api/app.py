@@ -10,10 +10,11 @@ from fastapi import FastAPI
 from redis.asyncio import Redis
 
 from api.broker import Publisher
+from api.db import Database
 from api.deps import Clients
 from api.limits import BodySizeLimit
 from api.metrics import MetricsMiddleware
-from api.routes import batches, health, playlists
+from api.routes import batches, feedback, health, page, playlists
 from shared.settings import Settings, get_settings
 from shared.store import Keys
 
@@ -29,8 +30,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         publisher = Publisher(settings)
         redis = Redis.from_url(str(settings.redis_url))
         await publisher.start()
+        # Opens without waiting: the gateway serves recommendations while PostgreSQL is down.
+        db = Database(settings)
+        await db.open()
         app.state.clients = Clients(
-            settings=settings, publisher=publisher, redis=redis, keys=Keys(settings.redis_prefix)
+            settings=settings,
+            publisher=publisher,
+            redis=redis,
+            keys=Keys(settings.redis_prefix),
+            db=db,
         )
         log.info("gateway ready: queue %s", settings.jobs_queue)
         try:
@@ -38,6 +46,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             await publisher.close()
             await redis.aclose()
+            await db.close()
 
     app = FastAPI(
         title="recfleet gateway",
@@ -50,4 +59,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(batches.router)
     app.include_router(playlists.router)
     app.include_router(health.router)
+    app.include_router(feedback.router)
+    app.include_router(page.router)
+    app.mount("/static", page.static_files(), name="static")
     return app

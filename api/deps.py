@@ -9,6 +9,7 @@ from fastapi import Depends, Request
 from redis.asyncio import Redis
 
 from api.broker import Publisher
+from api.db import Database
 from shared.settings import Settings
 from shared.store import Keys
 
@@ -20,6 +21,7 @@ class Clients:
     redis: Redis
     keys: Keys
     model_versions: dict[int, str] = field(default_factory=dict)
+    db: Database | None = None  # the feedback database (PostgreSQL pool)
 
 
 def get_clients(request: Request) -> Clients:

@@ -100,3 +100,34 @@ def redis_client(settings: Settings) -> Iterator[redis.Redis]:
     client = redis.Redis.from_url(str(settings.redis_url))
     yield client
     client.close()
+
+
+def database_url_for(name: str) -> str:
+    """The configured PostgreSQL server's URL with another database name."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(str(Settings().database_url))
+    return urlunsplit(parts._replace(path=f"/{name}"))
+
+
+@pytest.fixture(scope="session")
+def database_url(services: None) -> Iterator[str]:
+    """A fresh PostgreSQL database of this test session, migrated; dropped afterwards."""
+    import psycopg
+    from psycopg import sql
+
+    from shared.migrate import upgrade
+
+    name = f"rftest_{new_id()[:12]}"
+    admin = str(Settings().database_url)
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    url = database_url_for(name)
+    try:
+        upgrade(url)
+        yield url
+    finally:
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(
+                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+            )

@@ -1,0 +1,95 @@
+"""Feedback: record the list a user is shown (an impression) and the playlist they like."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, HTTPException, Response, status
+
+from api.db import FAILURES, Database, DatabaseUnavailable, LikeConflict, LikeRefused
+from api.deps import Clients, ClientsDep
+from api.routes.playlists import model_version
+from api.schemas import Problem
+from shared.feedback import Impression, ImpressionRequest, Like, LikeRequest, generation_of
+from shared.store import decode_result
+
+router = APIRouter(tags=["feedback"])
+RETRY_AFTER_S = "5"
+
+
+def _unavailable(reason: str) -> HTTPException:
+    FAILURES.labels("database").inc()
+    return HTTPException(
+        status.HTTP_503_SERVICE_UNAVAILABLE, reason, headers={"Retry-After": RETRY_AFTER_S}
+    )
+
+
+def _database(clients: Clients) -> Database:
+    if clients.db is None:
+        raise _unavailable("no feedback database is configured")
+    return clients.db
+
+
+@router.post(
+    "/api/impressions",
+    status_code=status.HTTP_201_CREATED,
+    response_model=Impression,
+    responses={404: {"model": Problem}, 503: {"model": Problem}},
+)
+async def record_impression(body: ImpressionRequest, clients: ClientsDep) -> Impression:
+    """Show a user their current recommendations and record the impression.
+
+    The list comes from the stored result, never from the client, so an impression is
+    what was really served. 404 when the user has no result yet; 503 (nothing recorded)
+    when PostgreSQL is unavailable.
+    """
+    db = _database(clients)
+    raw = await clients.redis.hget(clients.keys.bucket_of(body.user_id), str(body.user_id))
+    if raw is None:
+        FAILURES.labels("no_result").inc()
+        raise HTTPException(
+            status.HTTP_404_NOT_FOUND, f"no recommendations for user {body.user_id} yet"
+        )
+    assert isinstance(raw, bytes)  # the client does not decode responses
+    result = decode_result(raw)
+    try:
+        return await db.record_impression(
+            user_id=body.user_id,
+            playlists=result.playlists,
+            model_version=await model_version(clients, result.model_tag),
+            generated_at=result.generated_at,
+            generation=generation_of(result.generated_at),
+            cold=result.cold,
+        )
+    except DatabaseUnavailable as exc:
+        raise _unavailable(str(exc)) from exc
+
+
+@router.post(
+    "/api/feedback",
+    status_code=status.HTTP_201_CREATED,
+    response_model=Like,
+    responses={
+        200: {"model": Like, "description": "a retry of a like already recorded"},
+        409: {"model": Problem},
+        422: {"model": Problem},
+        503: {"model": Problem},
+    },
+)
+async def record_like(body: LikeRequest, response: Response, clients: ClientsDep) -> Like:
+    """Record a like of one playlist of an impression: 201 when new, 200 for a retry
+    (same ``like_id``, or the same playlist of the same impression), 422 when the playlist
+    was not shown to that user in that impression, 409 when ``like_id`` names another like,
+    503 (nothing recorded) when PostgreSQL is unavailable."""
+    db = _database(clients)
+    try:
+        like, created = await db.record_like(body)
+    except LikeRefused as exc:
+        FAILURES.labels("not_shown").inc()
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from exc
+    except LikeConflict as exc:
+        FAILURES.labels("conflict").inc()
+        raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from exc
+    except DatabaseUnavailable as exc:
+        raise _unavailable(str(exc)) from exc
+    if not created:
+        response.status_code = status.HTTP_200_OK
+    return like

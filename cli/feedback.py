@@ -1,0 +1,335 @@
+"""``recfleet feedback``: click-through rate, training triplets, and simulated users.
+
+``simulate`` plays users of a synthetic artifact directory against a running gateway:
+each fetches their list through ``POST /api/impressions`` (recording an impression),
+then likes a shown playlist the way the ground truth says they would (see
+``visit``). ``baseline`` writes a copy of an artifact directory that serves everyone
+the popularity fallback, so the trained model and the fallback can be compared.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import uuid
+from collections import defaultdict
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import click
+import httpx
+import numpy as np
+import psycopg
+
+from cli.db import database_url_option, resolve_database_url
+from shared.artifacts import load_artifacts, read_manifest, write_manifest
+from shared.errors import ArtifactError
+from shared.feedback import CtrRow, click_through, export_triplets, save_triplets, start_of_day
+from shared.settings import get_settings
+
+if TYPE_CHECKING:
+    from offline.synthetic import SyntheticTruth
+
+TRUTH_FILE = "synthetic_truth.npz"
+BASELINE_SUFFIX = "-popularity"
+
+
+@click.group()
+def feedback() -> None:
+    """Feedback from the page: click-through rate, training triplets, simulated users."""
+
+
+def _since(day: datetime | None, default_days: int) -> datetime:
+    today = datetime.now(UTC).date()
+    return start_of_day(day.date() if day else today - timedelta(days=default_days))
+
+
+@feedback.command("ctr")
+@click.option(
+    "--since",
+    type=click.DateTime(formats=["%Y-%m-%d"]),
+    default=None,
+    help="first UTC day counted (default: 6 days ago)",
+)
+@click.option("--json", "as_json", is_flag=True, help="one JSON object instead of tables")
+@database_url_option
+def ctr(since: datetime | None, as_json: bool, database_url: str | None) -> None:
+    """Click-through rate (impressions that got a like) per model version and per day."""
+    start = _since(since, 6)
+    try:
+        with psycopg.connect(resolve_database_url(database_url), connect_timeout=10) as conn:
+            totals = click_through(conn, start, by_day=False)
+            days = click_through(conn, start, by_day=True)
+    except psycopg.Error as exc:
+        raise click.ClickException(f"cannot read feedback: {exc}") from exc
+    if as_json:
+        click.echo(
+            json.dumps(
+                {
+                    "since": start.date().isoformat(),
+                    "models": {r.model_version: _row_json(r) for r in totals},
+                    "days": [
+                        {"day": str(r.day), "model_version": r.model_version, **_row_json(r)}
+                        for r in days
+                    ],
+                }
+            )
+        )
+        return
+    click.echo(f"click-through rate since {start.date()} (share of impressions liked)\n")
+    header = f"{'impressions':>11} {'clicked':>8} {'likes':>8} {'ctr':>7}"
+    click.echo(f"{'model_version':<40} {header}")
+    for r in totals:
+        click.echo(f"{r.model_version:<40} {_figures(r)}")
+    click.echo(f"\n{'day':<10} {'model_version':<29} {header}")
+    for r in days:
+        click.echo(f"{r.day!s:<10} {r.model_version:<29} {_figures(r)}")
+    if not totals:
+        click.echo("(no impressions yet)")
+
+
+def _row_json(r: CtrRow) -> dict[str, float]:
+    return {"impressions": r.impressions, "clicked": r.clicked, "likes": r.likes, "ctr": r.ctr}
+
+
+def _figures(r: CtrRow) -> str:
+    return f"{r.impressions:>11} {r.clicked:>8} {r.likes:>8} {r.ctr:>7.1%}"
+
+
+@feedback.command("export")
+@click.option(
+    "--since", type=click.DateTime(formats=["%Y-%m-%d"]), required=True, help="first UTC day"
+)
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True)
+@database_url_option
+def export(since: datetime, out: Path, database_url: str | None) -> None:
+    """BPR training triplets (user, liked playlist, shown but not liked playlist) of the likes
+    since DATE, as int64 [n, 3] .npy of external ids; `recfleet artifacts build --feedback`
+    reads it."""
+    try:
+        with psycopg.connect(resolve_database_url(database_url), connect_timeout=10) as conn:
+            triplets = export_triplets(conn, _since(since, 0))
+    except psycopg.Error as exc:
+        raise click.ClickException(f"cannot read feedback: {exc}") from exc
+    save_triplets(out, triplets)
+    users = len(np.unique(triplets[:, 0]))
+    click.echo(f"wrote {len(triplets)} triplets of {users} users to {out}")
+
+
+@dataclass
+class World:
+    """The synthetic ground truth of an artifact directory, by external id."""
+
+    truth: SyntheticTruth
+    user_ids: np.ndarray
+    playlist_ids: np.ndarray
+    playlist_order: np.ndarray
+
+    @classmethod
+    def load(cls, artifacts: Path) -> World:
+        """Raises click.ClickException when the directory has no synthetic ground truth."""
+        from offline.synthetic import SyntheticTruth
+
+        try:
+            truth = SyntheticTruth.load(artifacts / TRUTH_FILE)
+            user_ids = np.load(artifacts / "user_ids.npy", mmap_mode="r")
+            playlist_ids = np.load(artifacts / "playlist_ids.npy", mmap_mode="r")
+        except (OSError, KeyError, ValueError) as exc:
+            raise click.ClickException(
+                f"{artifacts}: no synthetic ground truth to simulate users with ({exc})"
+            ) from exc
+        return cls(truth, user_ids, playlist_ids, np.argsort(playlist_ids, kind="stable"))
+
+    def user_row(self, user_id: int) -> int | None:
+        row = int(np.searchsorted(self.user_ids, user_id))
+        return row if row < len(self.user_ids) and self.user_ids[row] == user_id else None
+
+    def playlist_rows(self, ids: list[int]) -> np.ndarray:
+        pos = np.searchsorted(self.playlist_ids, ids, sorter=self.playlist_order)
+        return self.playlist_order[np.minimum(pos, len(self.playlist_order) - 1)]
+
+
+@dataclass
+class Arm:
+    """What one model version's lists earned in the simulation."""
+
+    impressions: int = 0
+    likes: int = 0
+    expected_likes: float = 0.0
+    ranks: list[int] = field(default_factory=list)
+
+    def summary(self) -> dict:
+        n = self.impressions
+        return {
+            "impressions": n,
+            "likes": self.likes,
+            "ctr": self.likes / n if n else 0.0,
+            "expected_ctr": self.expected_likes / n if n else 0.0,
+            "mean_liked_rank": float(np.mean(self.ranks)) if self.ranks else None,
+        }
+
+
+def like_probabilities(world: World, user_row: int, playlists: list[int], draws: int) -> np.ndarray:
+    """Probability that the user likes each shown playlist on this visit.
+
+    The user's next ``draws`` listens come from their true taste (``preference``: the
+    probability that their next draw is a given playlist); the visit is a like when one
+    of them is on the list, and the liked playlist is the first such listen.
+    """
+    from offline.synthetic import preference
+
+    p = preference(world.truth, np.array(user_row), world.playlist_rows(playlists))
+    shown = min(float(p.sum()), 1.0)
+    p_any = 1.0 - (1.0 - shown) ** draws
+    return p * (p_any / shown) if shown > 0 else p
+
+
+def post_like(client: httpx.Client, body: dict) -> dict:
+    """Post a like, retrying transport errors with the same like id (recorded once)."""
+    for attempt in range(3):
+        try:
+            resp = client.post("/api/feedback", json=body)
+        except httpx.TransportError:
+            if attempt == 2:
+                raise
+            continue
+        if resp.status_code not in (200, 201):
+            raise click.ClickException(f"like refused: {resp.status_code} {resp.text[:300]}")
+        return dict(resp.json())
+    raise AssertionError("unreachable")
+
+
+def visit(
+    client: httpx.Client,
+    world: World,
+    user_id: int,
+    rng: np.random.Generator,
+    draws: int,
+    arms: dict[str, Arm],
+) -> bool:
+    """One simulated visit: fetch the list (an impression), maybe like one. False when the
+    user has no result yet."""
+    resp = client.post("/api/impressions", json={"user_id": user_id})
+    if resp.status_code == 404:
+        return False
+    if resp.status_code != 201:
+        raise click.ClickException(f"impression failed: {resp.status_code} {resp.text[:300]}")
+    shown = resp.json()
+    arm = arms[shown["model_version"]]
+    arm.impressions += 1
+    row = world.user_row(user_id)
+    if row is None or not shown["playlists"]:
+        return True
+    p = like_probabilities(world, row, shown["playlists"], draws)
+    arm.expected_likes += float(p.sum())
+    if rng.random() >= p.sum():
+        return True
+    pick = int(rng.choice(len(p), p=p / p.sum()))
+    like = post_like(
+        client,
+        {
+            "like_id": str(uuid.uuid4()),
+            "impression_id": shown["impression_id"],
+            "user_id": user_id,
+            "playlist_id": shown["playlists"][pick],
+        },
+    )
+    arm.likes += 1
+    arm.ranks.append(int(like["rank"]))
+    return True
+
+
+@feedback.command("simulate")
+@click.option("--users", type=click.IntRange(1), required=True, help="users to simulate")
+@click.option("--api-url", default=None, help="gateway URL (default from settings)")
+@click.option(
+    "--artifacts",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    default=None,
+    help="artifact directory with synthetic_truth.npz (default RECFLEET_ARTIFACTS)",
+)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option(
+    "--draws",
+    type=click.IntRange(1),
+    default=3,
+    show_default=True,
+    help="listens per visit drawn from the user's true taste; a shown one is liked",
+)
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object")
+def simulate(
+    users: int,
+    api_url: str | None,
+    artifacts: Path | None,
+    seed: int,
+    draws: int,
+    as_json: bool,
+) -> None:
+    """Play USERS random users of the artifacts: each looks up their list through the gateway
+    (an impression) and likes what their synthetic ground truth picks. Prints the CTR per
+    model version, observed and expected."""
+    settings = get_settings()
+    world = World.load(artifacts or settings.artifacts)
+    rng = np.random.default_rng(seed)
+    chosen = rng.choice(
+        np.asarray(world.user_ids), size=min(users, len(world.user_ids)), replace=False
+    )
+    arms: dict[str, Arm] = defaultdict(Arm)
+    missing = 0
+    url = api_url or f"http://{settings.api_host}:{settings.api_port}"
+    with httpx.Client(base_url=url, timeout=30) as client:
+        try:
+            for user_id in chosen.tolist():
+                missing += not visit(client, world, int(user_id), rng, draws, arms)
+        except httpx.HTTPError as exc:
+            raise click.ClickException(f"gateway unreachable at {url}: {exc}") from exc
+    models = {version: arm.summary() for version, arm in sorted(arms.items())}
+    if as_json:
+        click.echo(json.dumps({"users": len(chosen), "no_result": missing, "models": models}))
+        return
+    click.echo(f"simulated {len(chosen)} users ({missing} without a result yet)")
+    for version, s in models.items():
+        click.echo(
+            f"{version}: {s['impressions']} impressions, {s['likes']} likes, "
+            f"CTR {s['ctr']:.1%} (expected {s['expected_ctr']:.1%})"
+        )
+
+
+@feedback.command("baseline")
+@click.argument("source", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="directory to write")
+def baseline(source: Path, out: Path) -> None:
+    """Copy an artifact directory into one that serves every user the popularity fallback,
+    as model version '<version>-popularity'. Serve it (RECFLEET_ARTIFACTS) and simulate the
+    same users again to compare the trained model's CTR with the fallback's."""
+    if out.exists():
+        raise click.ClickException(f"{out} already exists")
+    try:
+        manifest = read_manifest(source)
+    except ArtifactError as exc:
+        raise click.ClickException(str(exc)) from exc
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(source, tmp)
+    # No user has candidates, so the workers give everyone the fallback list.
+    np.save(tmp / "candidates_indptr.npy", np.zeros(int(manifest["n_users"]) + 1, np.int64))
+    np.save(tmp / "candidates_indices.npy", np.zeros(0, np.int32))
+    version = f"{manifest['model_version']}{BASELINE_SUFFIX}"
+    manifest.update(
+        model_version=version,
+        metrics={},
+        params={
+            "baseline": "popularity fallback",
+            "source_model_version": manifest["model_version"],
+        },
+    )
+    write_manifest(tmp, manifest)
+    try:
+        load_artifacts(tmp)
+    except ArtifactError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise click.ClickException(f"baseline does not load: {exc}") from exc
+    tmp.rename(out)
+    click.echo(f"wrote {out} (model {version})")
