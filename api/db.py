@@ -29,6 +29,9 @@ log = logging.getLogger(__name__)
 
 POOL_MAX_SIZE = 8
 POOL_TIMEOUT_S = 3.0  # how long a request waits for a connection before answering 503
+# A reconnection attempt backs off exponentially and gives up after this long; the next
+# request starts a new one. Short, so the gateway is back soon after a long outage.
+RECONNECT_TIMEOUT_S = 30.0
 CONNECT_TIMEOUT_S = 3
 STATEMENT_TIMEOUT_MS = 5000
 CTR_WINDOW = timedelta(hours=24)
@@ -106,6 +109,7 @@ class Database:
             min_size=1,
             max_size=POOL_MAX_SIZE,
             timeout=POOL_TIMEOUT_S,
+            reconnect_timeout=RECONNECT_TIMEOUT_S,
             name="feedback",
             check=AsyncConnectionPool.check_connection,
             kwargs={

@@ -77,10 +77,10 @@
     const name = document.createElement("span");
     name.className = "name";
     name.textContent = `Playlist ${playlistId}`;
-    const sub = document.createElement("span");
-    sub.className = "sub";
-    sub.textContent = `Rank ${rank}`;
-    info.append(name, sub);
+    const spoken = document.createElement("span");
+    spoken.className = "visually-hidden";
+    spoken.textContent = `Rank ${rank}: `;
+    info.append(spoken, name);
     const button = document.createElement("button");
     button.type = "button";
     button.className = "like";
