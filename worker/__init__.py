@@ -1,0 +1,1 @@
+"""recfleet worker: consumes ranking jobs, ranks users with torch, writes results to Redis."""
