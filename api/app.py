@@ -14,7 +14,7 @@ from api.db import Database
 from api.deps import Clients
 from api.limits import BodySizeLimit
 from api.metrics import MetricsMiddleware
-from api.routes import batches, feedback, health, page, playlists
+from api.routes import batches, drift, feedback, health, page, playlists
 from shared.settings import Settings, get_settings
 from shared.store import Keys
 
@@ -57,6 +57,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(MetricsMiddleware)
     app.include_router(batches.router)
+    app.include_router(drift.router)
     app.include_router(playlists.router)
     app.include_router(health.router)
     app.include_router(feedback.router)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from shared import metrics as names
@@ -27,6 +27,40 @@ PUBLISH_FAILURES = Counter(
     names.PUBLISH_FAILURES, "Requests failed for want of a confirm", ["reason"], registry=REGISTRY
 )
 BATCHES_ACCEPTED = Counter(names.BATCHES_ACCEPTED, "Batches answered 202", registry=REGISTRY)
+
+# Sampled by the drift router's monitor (api/routes/drift.py) every few seconds.
+QUEUE_MESSAGES = Gauge(
+    names.QUEUE_MESSAGES, "Messages ready in a queue", ["queue"], registry=REGISTRY
+)
+QUEUE_UNACKED = Gauge(
+    names.QUEUE_UNACKED, "Messages delivered and not yet acked", ["queue"], registry=REGISTRY
+)
+QUEUE_CONSUMERS = Gauge(names.QUEUE_CONSUMERS, "Consumers of a queue", ["queue"], registry=REGISTRY)
+BATCHES_RECENT = Gauge(
+    names.BATCHES_RECENT, "Batches with progress in the last 15 min", ["state"], registry=REGISTRY
+)
+DRIFT_COLD_FRACTION = Gauge(
+    names.DRIFT_COLD_FRACTION,
+    "Cold-user fraction of the latest finished batch",
+    ["batch_id"],
+    registry=REGISTRY,
+)
+_DRIFT_LABELS = ["batch_id", "reference_id"]
+DRIFT_CHI2 = Gauge(
+    names.DRIFT_CHI2,
+    "Chi-square statistic: popularity buckets of the latest finished batch vs its reference",
+    _DRIFT_LABELS,
+    registry=REGISTRY,
+)
+DRIFT_P_VALUE = Gauge(
+    names.DRIFT_P_VALUE, "p-value of the drift chi-square test", _DRIFT_LABELS, registry=REGISTRY
+)
+DRIFT_CRAMERS_V = Gauge(
+    names.DRIFT_CRAMERS_V,
+    "Cramér's V of the drift test (effect size: 0 same distribution, 1 disjoint)",
+    _DRIFT_LABELS,
+    registry=REGISTRY,
+)
 
 
 class MetricsMiddleware:

@@ -37,3 +37,14 @@ FEEDBACK_WINDOW_IMPRESSIONS = "recfleet_feedback_window_impressions"  # labels: 
 FEEDBACK_IMPRESSIONS = "recfleet_feedback_impressions_total"  # labels: model_version
 FEEDBACK_LIKES = "recfleet_feedback_likes_total"  # labels: model_version
 FEEDBACK_FAILURES = "recfleet_feedback_failures_total"  # labels: reason
+
+# Queue, sampled by the gateway from the broker's management API (also ready and consumers,
+# under the names above, so the figures survive a fleet with no worker running)
+QUEUE_UNACKED = "recfleet_queue_messages_unacked"  # labels: queue
+
+# Batches and drift (gateway; refreshed from the batch ledgers in Redis every few seconds)
+BATCHES_RECENT = "recfleet_batches_recent"  # labels: state; batches with progress in 15 min
+DRIFT_COLD_FRACTION = "recfleet_drift_cold_fraction"  # labels: batch_id; latest finished batch
+DRIFT_CHI2 = "recfleet_drift_chi2_statistic"  # labels: batch_id, reference_id
+DRIFT_P_VALUE = "recfleet_drift_chi2_p_value"  # labels: batch_id, reference_id
+DRIFT_CRAMERS_V = "recfleet_drift_cramers_v"  # labels: batch_id, reference_id

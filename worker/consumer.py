@@ -154,7 +154,7 @@ class Consumer:
             return
         extra = {"batch_id": job.batch_id, "job_id": job.job_id}
         try:
-            summary = self._with_retries(lambda: self.handler.handle(job))
+            summary = self._with_retries(lambda: self.handler.handle(job), extra)
         except TransientError as exc:
             log.warning("job requeued: %s", exc, extra=extra)
             metrics.JOBS.labels("requeued").inc()
@@ -165,7 +165,7 @@ class Consumer:
         log.debug("job done: %d users, %d cold", summary.users, summary.cold, extra=extra)
         self._reply(channel.basic_ack, tag)
 
-    def _with_retries(self, fn: Callable[[], object]) -> object:
+    def _with_retries(self, fn: Callable[[], object], extra: dict[str, str]) -> object:
         """Retry transient failures with capped backoff until they pass or we are stopping."""
         retrying = Retrying(
             retry=retry_if_exception_type(TransientError),
@@ -175,6 +175,7 @@ class Consumer:
             before_sleep=lambda state: log.warning(
                 "transient failure, retrying: %s",
                 state.outcome.exception() if state.outcome else "",
+                extra=extra,
             ),
         )
         return retrying(fn)
@@ -182,7 +183,9 @@ class Consumer:
     def _dead_letter(
         self, channel: BlockingChannel, tag: int, props: BasicProperties, reason: str
     ) -> None:
-        log.error("dead-lettering message %s: %s", props.message_id, reason[:500])
+        log.error(
+            "dead-lettering message %s: %s", props.message_id, reason[:500], extra=_ids(props)
+        )
         metrics.DEAD_LETTERED.labels("undecodable").inc()
         metrics.JOBS.labels("dead").inc()
         self._record_dead(props)
@@ -200,7 +203,9 @@ class Consumer:
         try:
             self.handler.record_dead(batch_id, job_id, users)
         except TransientError:
-            log.warning("could not record dead job %s in its batch ledger", job_id)
+            log.warning(
+                "could not record dead job %s in its batch ledger", job_id, extra=_ids(props)
+            )
 
     def _reply(self, fn: Callable[..., None], tag: int, **kwargs: bool) -> None:
         connection = self._connection
@@ -216,6 +221,15 @@ class Consumer:
         except pika.exceptions.AMQPError:
             # A late settle on a channel that closed (or belongs to an older connection).
             log.warning("channel closed before delivery %d was settled; broker redelivers", tag)
+
+
+def _ids(props: BasicProperties) -> dict[str, str | None]:
+    """Batch and job ids of a message that did not decode, for its log lines."""
+    batch_id = (props.headers or {}).get(HEADER_BATCH_ID)
+    return {
+        "batch_id": batch_id if isinstance(batch_id, str) else None,
+        "job_id": props.message_id if isinstance(props.message_id, str) else None,
+    }
 
 
 def declare_topology(channel: BlockingChannel, settings: Settings) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from prometheus_client import Counter, Gauge, Histogram
 
 from shared import metrics as names
+from shared.drift import POPULARITY_LABELS
 
 _JOB_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
@@ -32,3 +33,11 @@ RECOMMENDED = Counter(
 )
 QUEUE_MESSAGES = Gauge(names.QUEUE_MESSAGES, "Messages ready in a queue", ["queue"])
 QUEUE_CONSUMERS = Gauge(names.QUEUE_CONSUMERS, "Consumers of a queue", ["queue"])
+
+# Every known label value exported from the start, so rates and alerts see a zero
+# rather than no series at all.
+for _outcome in ("done", "dead", "requeued"):
+    JOBS.labels(_outcome)
+DEAD_LETTERED.labels("undecodable")
+for _bucket in POPULARITY_LABELS:
+    RECOMMENDED.labels(_bucket)
