@@ -14,7 +14,9 @@ from api.db import Database
 from api.deps import Clients
 from api.limits import BodySizeLimit
 from api.metrics import MetricsMiddleware
+from api.results import GenerationCache, ResultReader
 from api.routes import batches, drift, feedback, health, page, playlists
+from shared.generations import GenerationKeys
 from shared.settings import Settings, get_settings
 from shared.store import Keys
 
@@ -38,6 +40,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             publisher=publisher,
             redis=redis,
             keys=Keys(settings.redis_prefix),
+            results=ResultReader(
+                redis,
+                Keys(settings.redis_prefix),
+                GenerationCache(
+                    redis,
+                    GenerationKeys(settings.redis_prefix),
+                    settings.read_depth,
+                    settings.generation_refresh_s,
+                ),
+            ),
             db=db,
         )
         log.info("gateway ready: queue %s", settings.jobs_queue)

@@ -23,11 +23,15 @@ log = logging.getLogger(__name__)
 
 
 class PublishFailed(Exception):
-    """The broker did not confirm a job: nacked, returned, timed out or unreachable."""
+    """The broker did not confirm some jobs: nacked, returned, timed out or unreachable.
 
-    def __init__(self, reason: str) -> None:
+    ``failed`` lists the jobs without a confirm; the others were confirmed and will run.
+    """
+
+    def __init__(self, reason: str, failed: list[Job] | None = None) -> None:
         super().__init__(reason)
         self.reason = reason
+        self.failed = failed or []
 
 
 class Publisher:
@@ -65,14 +69,15 @@ class Publisher:
         Raises PublishFailed when any job was nacked, returned, timed out or could not be sent.
         """
         if self._channel is None:
-            raise PublishFailed("not connected to the broker")
+            raise PublishFailed("not connected to the broker", jobs)
         results = await asyncio.gather(
             *(self._publish_one(job) for job in jobs), return_exceptions=True
         )
+        failed = [job for job, r in zip(jobs, results, strict=True) if isinstance(r, BaseException)]
         errors = [r for r in results if isinstance(r, BaseException)]
         if errors:
             log.warning("publish failed for %d of %d jobs: %r", len(errors), len(jobs), errors[0])
-            raise PublishFailed(_describe(errors[0]))
+            raise PublishFailed(_describe(errors[0]), failed)
 
     async def _publish_one(self, job: Job) -> None:
         assert self._channel is not None

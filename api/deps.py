@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -10,6 +10,7 @@ from redis.asyncio import Redis
 
 from api.broker import Publisher
 from api.db import Database
+from api.results import ResultReader
 from shared.settings import Settings
 from shared.store import Keys
 
@@ -20,7 +21,7 @@ class Clients:
     publisher: Publisher
     redis: Redis
     keys: Keys
-    model_versions: dict[int, str] = field(default_factory=dict)
+    results: ResultReader
     db: Database | None = None  # the feedback database (PostgreSQL pool)
 
 

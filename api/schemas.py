@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from shared.messages import UserId
+from shared.messages import ID_PATTERN, UserId
 
 
 class UserIdsRequest(BaseModel):
@@ -13,6 +13,18 @@ class UserIdsRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     user_ids: list[UserId] = Field(min_length=1, description="user ids to rank")
+
+
+class BatchRequest(UserIdsRequest):
+    """Users to rank; with ``batch_id``, appended to a batch opened by ``POST /api/batches``."""
+
+    batch_id: str | None = Field(
+        default=None, pattern=ID_PATTERN, description="an open batch to append these users to"
+    )
+
+
+class BatchOpened(BaseModel):
+    batch_id: str
 
 
 class BatchAccepted(BaseModel):
@@ -37,6 +49,14 @@ class BatchStatus(BaseModel):
     last_done_at: float | None
     users_per_s: float | None
     eta_s: float | None
+    sealed: bool = Field(description="false while users may still be appended")
+    gen_state: str = Field(description="pending | active (current) | rejected | retired")
+    gen_reason: str | None = Field(description="why the batch was not made current")
+    activated_at: float | None
+    model_version: str | None = Field(description="the model pinned by the first job")
+    recommended_by_popularity: dict[str, int] = Field(
+        default_factory=dict, description="recommended playlists per popularity-rank bucket"
+    )
 
 
 class UserResult(BaseModel):
@@ -45,6 +65,7 @@ class UserResult(BaseModel):
     model_version: str
     generated_at: float
     cold: bool
+    generation: str = Field(description="the batch whose run produced this result")
 
 
 class Problem(BaseModel):

@@ -35,6 +35,9 @@ class Job(BaseModel):
     batch_id: str = Field(pattern=ID_PATTERN)
     user_ids: list[UserId] = Field(min_length=1, max_length=1000)
     created_at: float = Field(gt=0)
+    # Where results go: None means the batch's own generation (the batch id); the
+    # synchronous path names the current generation instead.
+    generation: str | None = Field(default=None, pattern=ID_PATTERN)
 
     def encode(self) -> bytes:
         return orjson.dumps(self.model_dump())
@@ -45,15 +48,16 @@ def new_id() -> str:
     return uuid.uuid4().hex
 
 
-def make_jobs(batch_id: str, user_ids: list[int], job_size: int) -> list[Job]:
+def make_jobs(batch_id: str, user_ids: list[int], job_size: int, first_index: int = 0) -> list[Job]:
     """Split ``user_ids`` into jobs of at most ``job_size`` users, in order.
 
-    Job ids are ``<batch_id>-<index>`` so an operator can tell which batch a job is from.
+    Job ids are ``<batch_id>-<index>`` so an operator can tell which batch a job is from;
+    indices start at ``first_index`` (users appended to an open batch continue its count).
     """
     now = time.time()
     return [
         Job(
-            job_id=f"{batch_id}-{i // job_size}",
+            job_id=f"{batch_id}-{first_index + i // job_size}",
             batch_id=batch_id,
             user_ids=user_ids[i : i + job_size],
             created_at=now,

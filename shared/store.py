@@ -126,6 +126,8 @@ def decode_result(raw: bytes) -> Result:
 
 
 # Records a finished (or dead-lettered) job once, however often it is delivered.
+# Returns 0 when already counted (or the batch is unknown), 1 when counted, 2 when counted
+# and the job was the last one of a sealed batch.
 # KEYS: batch hash, job set (done or dead). ARGV: job id, users, cold users, now, ttl, field,
 # then optional (ledger field, count) pairs added to the batch, e.g. popularity buckets.
 PROGRESS_SCRIPT = """
@@ -141,8 +143,15 @@ redis.call('HSET', KEYS[1], 'last_done_at', ARGV[4])
 for i = 7, #ARGV - 1, 2 do
   redis.call('HINCRBY', KEYS[1], ARGV[i], ARGV[i + 1])
 end
+-- 2 tells the caller this job completed a sealed batch: time to finalize it.
+if redis.call('HGET', KEYS[1], 'sealed') == '1' then
+  local finished = tonumber(redis.call('HGET', KEYS[1], 'jobs_done') or '0')
+    + tonumber(redis.call('HGET', KEYS[1], 'jobs_dead') or '0')
+  if finished >= tonumber(redis.call('HGET', KEYS[1], 'jobs_total') or '0') then return 2 end
+end
 return 1
 """
+COUNTED, COMPLETED = 1, 2
 POPULARITY_FIELD = "rec_"
 
 
@@ -165,8 +174,11 @@ def popularity_counts(fields: Mapping[Any, Any]) -> dict[str, int]:
     return out
 
 
-def new_batch_fields(jobs_total: int, users_total: int) -> dict[str, Any]:
+def new_batch_fields(jobs_total: int, users_total: int, *, sealed: bool = True) -> dict[str, Any]:
+    """A new ledger. An unsealed batch may still grow (``recfleet submit --all``)."""
     return {
+        "sealed": int(sealed),
+        "gen_state": "pending",
         "jobs_total": jobs_total,
         "users_total": users_total,
         "jobs_done": 0,
@@ -200,7 +212,8 @@ def batch_status(batch_id: str, fields: dict[Any, Any]) -> dict[str, Any]:
     first = float(f["first_done_at"]) if "first_done_at" in f else None
     last = float(f["last_done_at"]) if "last_done_at" in f else None
     finished = ints["jobs_done"] + ints["jobs_dead"]
-    if finished >= ints["jobs_total"]:
+    sealed = f.get("sealed", "1") == "1"
+    if sealed and finished >= ints["jobs_total"]:
         state = "failed" if ints["jobs_dead"] else "done"
     elif finished == 0:
         state = "queued"
@@ -212,7 +225,7 @@ def batch_status(batch_id: str, fields: dict[Any, Any]) -> dict[str, Any]:
     eta = (
         remaining / rate
         if rate and state == "running"
-        else (0.0 if finished >= ints["jobs_total"] else None)
+        else (0.0 if sealed and finished >= ints["jobs_total"] else None)
     )
     return {
         "batch_id": batch_id,
@@ -224,4 +237,9 @@ def batch_status(batch_id: str, fields: dict[Any, Any]) -> dict[str, Any]:
         "users_per_s": rate,
         "eta_s": eta,
         "recommended_by_popularity": popularity_counts(f),
+        "sealed": sealed,
+        "gen_state": f.get("gen_state", "pending"),
+        "gen_reason": f.get("gen_reason"),
+        "activated_at": float(f["activated_at"]) if "activated_at" in f else None,
+        "model_version": f.get("model_version"),
     }

@@ -12,6 +12,7 @@ import pytest
 import redis
 
 from api.app import create_app
+from shared.generations import GenerationKeys
 from shared.messages import decode_job
 from shared.settings import Settings
 from shared.store import Keys, encode_results, model_tag
@@ -116,11 +117,13 @@ async def test_reads_one_users_result(
     client: httpx.AsyncClient, settings: Settings, redis_client: redis.Redis
 ) -> None:
     keys = Keys(settings.redis_prefix)
+    gen_keys = GenerationKeys(settings.redis_prefix)
     (raw,) = encode_results(
         np.array([[9, 8, 7]]), np.array([True]), 1_700_000_000, model_tag("bpr-x")
     )
-    redis_client.hset(keys.bucket_of(4242), "4242", raw)
+    redis_client.hset(gen_keys.result_bucket("gen1", 4242), "4242", raw)
     redis_client.hset(keys.models, str(model_tag("bpr-x")), "bpr-x")
+    redis_client.zadd(gen_keys.history, {"gen1": 1.0})
     resp = await client.get("/api/playlist/4242")
     assert resp.status_code == 200
     assert resp.json() == {
@@ -129,6 +132,7 @@ async def test_reads_one_users_result(
         "model_version": "bpr-x",
         "generated_at": 1_700_000_000,
         "cold": True,
+        "generation": "gen1",
     }
     assert (await client.get("/api/playlist/4243")).status_code == 404
     assert (await client.get("/api/playlist/-1")).status_code == 422

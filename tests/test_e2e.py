@@ -13,7 +13,8 @@ from cli.client import submit, wait
 from cli.fleet import LocalFleet
 from shared.artifacts import load_artifacts
 from shared.settings import Settings
-from shared.store import Keys, decode_result
+from shared.generations import GenerationKeys
+from shared.store import decode_result
 from worker.ranking import Ranker
 
 pytestmark = pytest.mark.e2e
@@ -31,6 +32,7 @@ def test_5000_users_over_http_each_result_equals_direct_ranking(
             (status,) = wait(client, sub.batch_ids, sub.users, show=False)
             assert status["state"] == "done"
             assert status["users_done"] == 5000 and status["jobs_done"] == 5
+            assert status["gen_state"] == "active"
             sample = client.get("/api/playlist/1234").json()
             metrics = httpx.get(f"http://127.0.0.1:{fleet.worker_metrics_ports()[0]}/metrics").text
 
@@ -38,11 +40,11 @@ def test_5000_users_over_http_each_result_equals_direct_ranking(
     direct = Ranker.from_artifacts(art, k=fleet_settings.top_k).rank(
         art.user_rows(np.array(user_ids))
     )
-    keys = Keys(fleet_settings.redis_prefix)
+    keys = GenerationKeys(fleet_settings.redis_prefix)
     client = redis.Redis.from_url(str(fleet_settings.redis_url))
     with client.pipeline(transaction=False) as pipe:
         for uid in user_ids:
-            pipe.hget(keys.bucket_of(uid), str(uid))
+            pipe.hget(keys.result_bucket(status["batch_id"], uid), str(uid))
         stored = pipe.execute()
     client.close()
     assert all(raw is not None for raw in stored)
@@ -51,6 +53,7 @@ def test_5000_users_over_http_each_result_equals_direct_ranking(
         assert decode_result(raw).playlists == art.playlist_ids[rows].tolist(), f"user {i}"
 
     assert sample["user_id"] == 1234 and sample["model_version"] == art.model_version
+    assert sample["generation"] == status["batch_id"]
     assert sample["playlists"] == decode_result(stored[1234]).playlists
     assert "recfleet_worker_users_total" in metrics
     assert f'recfleet_model_info{{model_version="{art.model_version}"}} 1.0' in metrics

@@ -12,19 +12,22 @@ import pytest
 import redis
 
 from shared.artifacts import load_artifacts
+from shared.generations import GenerationKeys
 from shared.messages import make_jobs
 from shared.settings import Settings
 from shared.store import Keys, decode_result, new_batch_fields
 from shared.topology import HEADER_BATCH_ID, HEADER_USERS
 from worker.consumer import Consumer, declare_topology
 from worker.handler import JobHandler
+from worker.models import ModelStore
 from worker.ranking import Ranker
 
 
 @pytest.fixture
 def handler(fleet_settings: Settings) -> Iterator[JobHandler]:
     client = redis.Redis.from_url(str(fleet_settings.redis_url))
-    yield JobHandler(fleet_settings, load_artifacts(fleet_settings.artifacts), client)
+    models = ModelStore(fleet_settings.artifacts, k=fleet_settings.top_k)
+    yield JobHandler(fleet_settings, models, client)
     client.close()
 
 
@@ -42,23 +45,26 @@ def _snapshot(client: redis.Redis, prefix: str) -> dict[bytes, object]:
 def test_results_equal_direct_ranking_and_cold_users_get_the_fallback(
     handler: JobHandler, fleet_settings: Settings
 ) -> None:
-    art = handler.artifacts
+    art = load_artifacts(fleet_settings.artifacts)
     users = [0, 1, 2, 500, art.n_users - 1, 10**12]
     (job,) = make_jobs("b1", users, 1000)
     summary = handler.handle(job)
     assert summary.users == 6 and summary.cold >= 1
+    assert summary.model_version == art.model_version
 
     direct = Ranker.from_artifacts(art, k=fleet_settings.top_k).rank(art.user_rows(np.array(users)))
-    keys = Keys(fleet_settings.redis_prefix)
+    keys = GenerationKeys(fleet_settings.redis_prefix)
     for i, uid in enumerate(users):
-        raw = handler.redis.hget(keys.bucket_of(uid), str(uid))
+        raw = handler.redis.hget(keys.result_bucket("b1", uid), str(uid))
         assert raw is not None
         result = decode_result(raw)
         rows = direct.playlists[i][direct.playlists[i] >= 0]
         assert result.playlists == art.playlist_ids[rows].tolist()
         assert result.cold == bool(direct.cold[i])
         assert result.generated_at == int(job.created_at)
-    unknown = decode_result(handler.redis.hget(keys.bucket_of(10**12), str(10**12)) or b"")
+    unknown = decode_result(
+        handler.redis.hget(keys.result_bucket("b1", 10**12), str(10**12)) or b""
+    )
     assert unknown.cold
     assert unknown.playlists == art.playlist_ids[art.fallback[: fleet_settings.top_k]].tolist()
 

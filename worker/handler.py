@@ -13,16 +13,24 @@ from dataclasses import dataclass
 import numpy as np
 import redis
 
-from shared.artifacts import Artifacts
-from shared.drift import POPULARITY_EDGES, POPULARITY_LABELS
+from shared.drift import POPULARITY_LABELS
 from shared.errors import TransientError
+from shared.generations import GenerationKeys, finalize_steps, run_steps
 from shared.messages import Job
 from shared.settings import Settings
-from shared.store import PROGRESS_SCRIPT, Keys, encode_results, model_tag, popularity_args
+from shared.store import COMPLETED, PROGRESS_SCRIPT, Keys, encode_results, popularity_args
 from worker import metrics
-from worker.ranking import Ranker
+from worker.models import Model, ModelStore
 
 log = logging.getLogger(__name__)
+
+# Pins the batch's model version on first use; returns the pinned one (nil: no ledger).
+PIN_SCRIPT = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return false end
+redis.call('HSETNX', KEYS[1], 'model_version', ARGV[1])
+return redis.call('HGET', KEYS[1], 'model_version')
+"""
+MAX_PINS = 4096
 
 
 @dataclass(frozen=True)
@@ -31,82 +39,109 @@ class JobSummary:
     cold: int
     rank_s: float
     write_s: float
-
-
-def popularity_buckets(popularity: np.ndarray) -> np.ndarray:
-    """Bucket index (into POPULARITY_LABELS) of each playlist row by its popularity rank."""
-    order = np.argsort(-popularity, kind="stable")
-    rank = np.empty(len(order), dtype=np.int64)
-    rank[order] = np.arange(len(order))
-    return np.searchsorted(np.array(POPULARITY_EDGES), rank, side="right").astype(np.int8)
+    model_version: str
 
 
 class JobHandler:
-    """Ranks jobs against one loaded model and writes their results."""
+    """Ranks jobs with the batch's model and writes results into the batch's generation."""
 
-    def __init__(self, settings: Settings, artifacts: Artifacts, client: redis.Redis) -> None:
+    def __init__(self, settings: Settings, models: ModelStore, client: redis.Redis) -> None:
         self.settings = settings
-        self.artifacts = artifacts
-        self.ranker = Ranker.from_artifacts(artifacts, k=settings.top_k)
+        self.models = models
         self.redis = client
         self.keys = Keys(settings.redis_prefix)
-        self.model_version = artifacts.model_version
-        self.tag = model_tag(self.model_version)
+        self.gen_keys = GenerationKeys(settings.redis_prefix)
         self._progress = client.register_script(PROGRESS_SCRIPT)
-        self._pop_bucket = popularity_buckets(np.asarray(artifacts.playlist_popularity))
-        metrics.MODEL_INFO.labels(self.model_version).set(1)
+        self._pin = client.register_script(PIN_SCRIPT)
+        self._pins: dict[str, str] = {}
 
-    def register_model(self) -> None:
-        """Record this model's tag so readers can name the version. Raises TransientError."""
-        try:
-            self.redis.hset(self.keys.models, str(self.tag), self.model_version)
-        except redis.RedisError as exc:
-            raise TransientError(f"Redis unavailable: {exc}") from exc
+    def model_for(self, job: Job) -> Model:
+        """The model pinned to the job's batch (pinning the current one on first use).
+
+        Raises TransientError when Redis is unreachable or the pinned model is not here.
+        """
+        version = self._pins.get(job.batch_id)
+        current = self.models.current()
+        if version is None:
+            try:
+                pinned = self._pin(keys=[self.keys.batch(job.batch_id)], args=[current.version])
+            except redis.RedisError as exc:
+                raise TransientError(f"Redis unavailable: {exc}") from exc
+            version = pinned.decode() if pinned else current.version
+            if len(self._pins) >= MAX_PINS:
+                self._pins.clear()
+            self._pins[job.batch_id] = version
+        return current if version == current.version else self.models.get(version)
 
     def handle(self, job: Job) -> JobSummary:
         """Rank every user of the job and write all results and the job's progress at once.
 
         Writing is idempotent: a redelivered job writes the same bytes and counts once.
+        The job that completes a sealed batch also runs the generation switch.
         Raises TransientError when Redis cannot be reached.
         """
         start = time.perf_counter()
+        model = self.model_for(job)
+        art = model.artifacts
         user_ids = np.asarray(job.user_ids, dtype=np.int64)
-        ranked = self.ranker.rank(self.artifacts.user_rows(user_ids))
+        ranked = model.ranker.rank(art.user_rows(user_ids))
         rows = ranked.playlists
-        external = np.where(rows >= 0, self.artifacts.playlist_ids[np.maximum(rows, 0)], -1)
-        values = encode_results(external, ranked.cold, int(job.created_at), self.tag)
-        recommended = self.recommended_by_bucket(rows)
+        external = np.where(rows >= 0, art.playlist_ids[np.maximum(rows, 0)], -1)
+        values = encode_results(external, ranked.cold, int(job.created_at), model.tag)
+        recommended = self.recommended_by_bucket(model, rows)
         rank_s = time.perf_counter() - start
 
         write_start = time.perf_counter()
-        self._write(job, user_ids, values, int(ranked.cold.sum()), recommended)
-        write_s = time.perf_counter() - write_start
-
         cold = int(ranked.cold.sum())
-        self._observe(recommended, ranked.n_candidates, len(user_ids), cold, rank_s, write_s)
-        return JobSummary(users=len(user_ids), cold=cold, rank_s=rank_s, write_s=write_s)
+        outcome = self._write(job, model, user_ids, values, cold, recommended)
+        write_s = time.perf_counter() - write_start
+        if outcome == COMPLETED:
+            self.finalize(job.batch_id)
 
-    def recommended_by_bucket(self, rows: np.ndarray) -> dict[str, int]:
+        self._observe(recommended, ranked.n_candidates, len(user_ids), cold, rank_s, write_s)
+        return JobSummary(len(user_ids), cold, rank_s, write_s, model.version)
+
+    def finalize(self, batch_id: str) -> None:
+        """Run the gates of a complete batch and make it current if they pass."""
+        try:
+            reason = run_steps(self.redis, finalize_steps(batch_id, self.settings, self.keys))
+        except redis.RedisError as exc:
+            raise TransientError(f"Redis unavailable: {exc}") from exc
+        if reason is None:
+            log.info(
+                "batch %s is now the current generation", batch_id, extra={"batch_id": batch_id}
+            )
+        else:
+            log.warning(
+                "batch %s not made current: %s", batch_id, reason, extra={"batch_id": batch_id}
+            )
+
+    @staticmethod
+    def recommended_by_bucket(model: Model, rows: np.ndarray) -> dict[str, int]:
         """How many of the recommended playlist rows fall in each popularity-rank bucket."""
         shown = rows[rows >= 0]
-        hist = np.bincount(self._pop_bucket[shown], minlength=len(POPULARITY_LABELS))
+        hist = np.bincount(model.popularity_bucket[shown], minlength=len(POPULARITY_LABELS))
         return dict(zip(POPULARITY_LABELS, hist.tolist(), strict=True))
 
     def _write(
         self,
         job: Job,
+        model: Model,
         user_ids: np.ndarray,
         values: list[bytes],
         cold: int,
         recommended: dict[str, int],
-    ) -> None:
+    ) -> int:
+        """One pipelined round trip; returns the progress script's answer."""
+        generation = job.generation or job.batch_id
         by_bucket: dict[str, dict[int, bytes]] = defaultdict(dict)
         for uid, value in zip(user_ids.tolist(), values, strict=True):
-            by_bucket[self.keys.bucket_of(uid)][uid] = value
+            by_bucket[self.gen_keys.result_bucket(generation, uid)][uid] = value
         try:
             with self.redis.pipeline(transaction=False) as pipe:
                 for key, mapping in by_bucket.items():
                     pipe.hset(key, mapping=mapping)  # type: ignore[arg-type]
+                pipe.hset(self.keys.models, str(model.tag), model.version)
                 self._progress(
                     keys=[self.keys.batch(job.batch_id), self.keys.batch_done(job.batch_id)],
                     args=[
@@ -122,9 +157,10 @@ class JobHandler:
                 )
                 # Lets monitoring find recent batches without scanning the keyspace.
                 pipe.zadd(self.keys.batches, {job.batch_id: time.time()})
-                pipe.execute()
+                replies = pipe.execute()
         except redis.RedisError as exc:
             raise TransientError(f"Redis unavailable: {exc}") from exc
+        return int(replies[len(by_bucket) + 1])
 
     def _observe(
         self,
@@ -149,7 +185,8 @@ class JobHandler:
                 metrics.RECOMMENDED.labels(label).inc(n)
 
     def record_dead(self, batch_id: str, job_id: str, users: int) -> None:
-        """Count a dead-lettered job in its batch ledger (once). Raises TransientError."""
+        """Count a dead-lettered job in its batch ledger (once), finalizing the batch if that
+        was its last job. Raises TransientError."""
         try:
             with self.redis.pipeline(transaction=False) as pipe:
                 self._progress(
@@ -165,6 +202,8 @@ class JobHandler:
                     client=pipe,
                 )
                 pipe.zadd(self.keys.batches, {batch_id: time.time()})
-                pipe.execute()
+                outcome = pipe.execute()[0]
         except redis.RedisError as exc:
             raise TransientError(f"Redis unavailable: {exc}") from exc
+        if outcome == COMPLETED:
+            self.finalize(batch_id)

@@ -12,12 +12,11 @@ from types import FrameType
 import redis
 import torch
 
-from shared.artifacts import load_artifacts
-from shared.errors import TransientError
 from shared.logs import configure_logging
 from shared.settings import Settings
 from worker.consumer import Consumer
 from worker.handler import JobHandler
+from worker.models import ModelStore
 from worker.server import serve
 
 log = logging.getLogger(__name__)
@@ -29,9 +28,10 @@ def run_worker(settings: Settings, index: int = 0) -> None:
     Raises ArtifactError when the artifacts are missing or corrupt.
     """
     torch.set_num_threads(settings.torch_threads)
-    artifacts = load_artifacts(settings.artifacts)
+    models = ModelStore(settings.artifacts, k=settings.top_k)
+    model = models.current()
     client = redis.Redis.from_url(str(settings.redis_url), socket_timeout=10)
-    handler = JobHandler(settings, artifacts, client)
+    handler = JobHandler(settings, models, client)
     consumer = Consumer(settings, handler, sample_queues=index == 0)
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
@@ -45,28 +45,13 @@ def run_worker(settings: Settings, index: int = 0) -> None:
     log.info(
         "worker %d: model %s, %d users, metrics on :%d",
         index,
-        artifacts.model_version,
-        artifacts.n_users,
+        model.version,
+        model.artifacts.n_users,
         server.server_address[1],
     )
-    _register_model(handler)
     consumer.run()
     server.shutdown()
     client.close()
-
-
-def _register_model(handler: JobHandler) -> None:
-    """Record the model tag; keep trying while Redis is down rather than crash-loop."""
-
-    delay = 0.5
-    while True:
-        try:
-            handler.register_model()
-            return
-        except TransientError as exc:
-            log.warning("%s; retrying in %.1fs", exc, delay)
-            time.sleep(delay)
-            delay = min(delay * 2, 10)
 
 
 def _child(settings: Settings, index: int) -> None:

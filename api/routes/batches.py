@@ -1,23 +1,34 @@
-"""Batches: submit a list of users for ranking, follow its progress."""
+"""Batches: submit users for ranking (in one request, or appended to an open batch), seal,
+follow progress. Every batch is a generation of results, made current when complete."""
 
 from __future__ import annotations
 
+import logging
 from typing import Annotated
 
 import orjson
 from fastapi import APIRouter, Header, HTTPException, Path, status
-from fastapi.responses import JSONResponse
 
 from api import metrics
 from api.broker import PublishFailed
 from api.deps import Clients, ClientsDep
 from api.idempotency import KEY_PATTERN, IdempotencyConflict, IdempotencyStore, digest
-from api.schemas import BatchAccepted, BatchStatus, Problem, UserIdsRequest
-from shared.messages import ID_PATTERN, make_jobs, new_id
+from api.schemas import BatchAccepted, BatchOpened, BatchRequest, BatchStatus, Problem
+from shared.generations import (
+    APPEND_SCRIPT,
+    PENDING,
+    REJECTED,
+    SEAL_SCRIPT,
+    finalize_steps,
+    run_steps_async,
+)
+from shared.messages import ID_PATTERN, Job, make_jobs, new_id
 from shared.store import batch_status, new_batch_fields
 
+log = logging.getLogger(__name__)
 router = APIRouter(tags=["batches"])
 RETRY_AFTER_S = "5"
+BatchId = Annotated[str, Path(pattern=ID_PATTERN)]
 
 
 def unique_in_order(user_ids: list[int]) -> list[int]:
@@ -29,18 +40,26 @@ def unique_in_order(user_ids: list[int]) -> list[int]:
     "/api/playlist/beta_recommend/",
     status_code=status.HTTP_202_ACCEPTED,
     response_model=BatchAccepted,
-    responses={409: {"model": Problem}, 413: {"model": Problem}, 503: {"model": Problem}},
+    responses={
+        404: {"model": Problem},
+        409: {"model": Problem},
+        413: {"model": Problem},
+        503: {"model": Problem},
+    },
 )
 async def submit_batch(
-    body: UserIdsRequest,
+    body: BatchRequest,
     clients: ClientsDep,
     idempotency_key: Annotated[
         str | None,
         Header(description="the same key within the window returns the same batch"),
     ] = None,
 ) -> BatchAccepted:
-    """Queue a batch: split into jobs of at most ``job_size`` users, publish each with a
-    publisher confirm, and answer 202 only once the broker confirmed every job."""
+    """Queue users: split into jobs of at most ``job_size`` users, publish each with a
+    publisher confirm, and answer 202 only once the broker confirmed every job.
+
+    Without ``batch_id`` the request is a whole batch; with it, the users join that open
+    batch (``POST /api/batches``), which becomes a generation once sealed and complete."""
     s = clients.settings
     if len(body.user_ids) > s.max_users_per_request:
         raise HTTPException(
@@ -48,14 +67,14 @@ async def submit_batch(
             f"{len(body.user_ids)} user ids; at most {s.max_users_per_request} per request",
         )
     if idempotency_key is None:
-        return await _queue_batch(body, clients)
+        return await _queue(body, clients)
     if not KEY_PATTERN.fullmatch(idempotency_key):
         raise HTTPException(
             status.HTTP_422_UNPROCESSABLE_CONTENT,
             "Idempotency-Key must be 1-128 characters of letters, digits and _.:-",
         )
     store = IdempotencyStore(clients.redis, s.redis_prefix, s.idempotency_window_s)
-    body_digest = digest(orjson.dumps(body.user_ids))
+    body_digest = digest(orjson.dumps([body.batch_id, body.user_ids]))
     try:
         earlier = await store.begin(idempotency_key, body_digest)
     except IdempotencyConflict as exc:
@@ -63,44 +82,12 @@ async def submit_batch(
     if earlier is not None:
         return BatchAccepted(**earlier)
     try:
-        accepted = await _queue_batch(body, clients)
+        accepted = await _queue(body, clients)
     except BaseException:
         await store.abandon(idempotency_key)
         raise
     await store.finish(idempotency_key, body_digest, accepted.model_dump())
     return accepted
-
-
-async def _queue_batch(body: UserIdsRequest, clients: Clients) -> BatchAccepted:
-    s = clients.settings
-    user_ids = unique_in_order(body.user_ids)
-    batch_id = new_id()
-    jobs = make_jobs(batch_id, user_ids, s.job_size)
-    ledger = clients.keys.batch(batch_id)
-    # The ledger exists before the first job can finish, so no progress is lost.
-    async with clients.redis.pipeline(transaction=True) as pipe:
-        pipe.hset(ledger, mapping=new_batch_fields(len(jobs), len(user_ids)))
-        pipe.expire(ledger, s.batch_ttl_s)
-        await pipe.execute()
-    try:
-        await clients.publisher.publish_jobs(jobs)
-    except PublishFailed as exc:
-        metrics.PUBLISH_FAILURES.labels(exc.reason).inc()
-        await clients.redis.hset(ledger, "publish_failed", exc.reason)
-        raise HTTPException(
-            status.HTTP_503_SERVICE_UNAVAILABLE,
-            f"batch not accepted: {exc.reason}; retry later",
-            headers={"Retry-After": RETRY_AFTER_S},
-        ) from exc
-    metrics.JOBS_PUBLISHED.inc(len(jobs))
-    metrics.USERS_PUBLISHED.inc(len(user_ids))
-    metrics.BATCHES_ACCEPTED.inc()
-    return BatchAccepted(
-        batch_id=batch_id,
-        jobs=len(jobs),
-        users=len(user_ids),
-        duplicates=len(body.user_ids) - len(user_ids),
-    )
 
 
 # The name the client's existing code uses.
@@ -114,14 +101,106 @@ router.add_api_route(
 )
 
 
+async def _queue(body: BatchRequest, clients: Clients) -> BatchAccepted:
+    s = clients.settings
+    user_ids = unique_in_order(body.user_ids)
+    n_jobs = -(-len(user_ids) // s.job_size)
+    if body.batch_id is None:
+        batch_id, first = new_id(), 0
+        ledger = clients.keys.batch(batch_id)
+        # The ledger exists before the first job can finish, so no progress is lost.
+        async with clients.redis.pipeline(transaction=True) as pipe:
+            pipe.hset(ledger, mapping=new_batch_fields(n_jobs, len(user_ids)))
+            pipe.expire(ledger, s.batch_ttl_s)
+            await pipe.execute()
+    else:
+        batch_id = body.batch_id
+        ledger = clients.keys.batch(batch_id)
+        first = int(await clients.redis.eval(APPEND_SCRIPT, 1, ledger, n_jobs, len(user_ids)))
+        if first == -1:
+            raise HTTPException(status.HTTP_404_NOT_FOUND, f"no batch {batch_id}")
+        if first == -2:
+            raise HTTPException(status.HTTP_409_CONFLICT, f"batch {batch_id} is sealed")
+    jobs = make_jobs(batch_id, user_ids, s.job_size, first_index=first)
+    try:
+        await clients.publisher.publish_jobs(jobs)
+    except PublishFailed as exc:
+        await _undo(clients, ledger, exc.failed, exc.reason, whole_batch=body.batch_id is None)
+        metrics.PUBLISH_FAILURES.labels(exc.reason).inc()
+        raise HTTPException(
+            status.HTTP_503_SERVICE_UNAVAILABLE,
+            f"not accepted: {exc.reason}; retry later",
+            headers={"Retry-After": RETRY_AFTER_S},
+        ) from exc
+    metrics.JOBS_PUBLISHED.inc(len(jobs))
+    metrics.USERS_PUBLISHED.inc(len(user_ids))
+    metrics.BATCHES_ACCEPTED.inc()
+    return BatchAccepted(
+        batch_id=batch_id,
+        jobs=len(jobs),
+        users=len(user_ids),
+        duplicates=len(body.user_ids) - len(user_ids),
+    )
+
+
+async def _undo(
+    clients: Clients, ledger: str, failed: list[Job], reason: str, *, whole_batch: bool
+) -> None:
+    """Take jobs the broker did not confirm out of the ledger's totals.
+
+    Confirmed jobs still run. A whole batch that failed can never be complete, so it is
+    rejected as a generation; the client resubmits it.
+    """
+    async with clients.redis.pipeline(transaction=True) as pipe:
+        pipe.hincrby(ledger, "jobs_total", -len(failed))
+        pipe.hincrby(ledger, "users_total", -sum(len(j.user_ids) for j in failed))
+        pipe.hset(ledger, "publish_failed", reason)
+        if whole_batch:
+            pipe.hset(ledger, mapping={"gen_state": REJECTED, "gen_reason": f"publish: {reason}"})
+        await pipe.execute()
+
+
+@router.post("/api/batches", status_code=status.HTTP_201_CREATED, response_model=BatchOpened)
+async def open_batch(clients: ClientsDep) -> BatchOpened:
+    """Open a batch that several requests append users to; seal it when all are in."""
+    batch_id = new_id()
+    ledger = clients.keys.batch(batch_id)
+    async with clients.redis.pipeline(transaction=True) as pipe:
+        pipe.hset(ledger, mapping=new_batch_fields(0, 0, sealed=False))
+        pipe.expire(ledger, clients.settings.batch_ttl_s)
+        await pipe.execute()
+    return BatchOpened(batch_id=batch_id)
+
+
+@router.post(
+    "/api/batches/{batch_id}/seal", response_model=BatchStatus, responses={404: {"model": Problem}}
+)
+async def seal_batch(batch_id: BatchId, clients: ClientsDep) -> BatchStatus:
+    """No more users for this batch. If every job already finished, run the switch now."""
+    ledger = clients.keys.batch(batch_id)
+    outcome = int(await clients.redis.eval(SEAL_SCRIPT, 1, ledger))
+    if outcome == -1:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no batch {batch_id}")
+    return await get_batch(batch_id, clients)
+
+
 @router.get(
     "/api/batches/{batch_id}", response_model=BatchStatus, responses={404: {"model": Problem}}
 )
-async def get_batch(
-    batch_id: Annotated[str, Path(pattern=ID_PATTERN)], clients: ClientsDep
-) -> JSONResponse:
-    """Progress of a batch: job and user counts, rate, ETA and state."""
-    fields = await clients.redis.hgetall(clients.keys.batch(batch_id))
+async def get_batch(batch_id: BatchId, clients: ClientsDep) -> BatchStatus:
+    """Progress of a batch: job and user counts, rate, ETA, state and generation state.
+
+    A complete batch whose switch has not run yet (its last worker died before it could)
+    is finalized here."""
+    ledger = clients.keys.batch(batch_id)
+    fields = await clients.redis.hgetall(ledger)
     if not fields:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"no batch {batch_id}")
-    return JSONResponse(batch_status(batch_id, fields))
+    doc = batch_status(batch_id, fields)
+    if doc["state"] in ("done", "failed") and doc["gen_state"] == PENDING:
+        await run_steps_async(
+            clients.redis, finalize_steps(batch_id, clients.settings, clients.keys)
+        )
+        clients.results.generations.invalidate()
+        doc = batch_status(batch_id, await clients.redis.hgetall(ledger))
+    return BatchStatus(**doc)

@@ -6,10 +6,8 @@ from fastapi import APIRouter, HTTPException, Response, status
 
 from api.db import FAILURES, Database, DatabaseUnavailable, LikeConflict, LikeRefused
 from api.deps import Clients, ClientsDep
-from api.routes.playlists import model_version
 from api.schemas import Problem
-from shared.feedback import Impression, ImpressionRequest, Like, LikeRequest, generation_of
-from shared.store import decode_result
+from shared.feedback import Impression, ImpressionRequest, Like, LikeRequest
 
 router = APIRouter(tags=["feedback"])
 RETRY_AFTER_S = "5"
@@ -42,21 +40,19 @@ async def record_impression(body: ImpressionRequest, clients: ClientsDep) -> Imp
     when PostgreSQL is unavailable.
     """
     db = _database(clients)
-    raw = await clients.redis.hget(clients.keys.bucket_of(body.user_id), str(body.user_id))
-    if raw is None:
+    result = await clients.results.read(body.user_id)
+    if result is None:
         FAILURES.labels("no_result").inc()
         raise HTTPException(
             status.HTTP_404_NOT_FOUND, f"no recommendations for user {body.user_id} yet"
         )
-    assert isinstance(raw, bytes)  # the client does not decode responses
-    result = decode_result(raw)
     try:
         return await db.record_impression(
             user_id=body.user_id,
             playlists=result.playlists,
-            model_version=await model_version(clients, result.model_tag),
-            generated_at=result.generated_at,
-            generation=generation_of(result.generated_at),
+            model_version=result.model_version,
+            generated_at=int(result.generated_at),
+            generation=result.generation,
             cold=result.cold,
         )
     except DatabaseUnavailable as exc:
