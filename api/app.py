@@ -16,6 +16,7 @@ from api.limits import BodySizeLimit
 from api.metrics import MetricsMiddleware
 from api.results import GenerationCache, ResultReader
 from api.routes import batches, drift, feedback, health, page, playlists
+from api.sync import SyncRequester
 from shared.generations import GenerationKeys
 from shared.settings import Settings, get_settings
 from shared.store import Keys
@@ -32,6 +33,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         publisher = Publisher(settings)
         redis = Redis.from_url(str(settings.redis_url))
         await publisher.start()
+        sync = SyncRequester(settings)
+        await sync.start(publisher.connection)
         # Opens without waiting: the gateway serves recommendations while PostgreSQL is down.
         db = Database(settings)
         await db.open()
@@ -50,6 +53,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                     settings.generation_refresh_s,
                 ),
             ),
+            sync=sync,
             db=db,
         )
         log.info("gateway ready: queue %s", settings.jobs_queue)

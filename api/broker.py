@@ -15,8 +15,10 @@ from shared.topology import (
     HEADER_BATCH_ID,
     HEADER_SCHEMA,
     HEADER_USERS,
+    dead_events_queue_arguments,
     dead_letter_queue_arguments,
     jobs_queue_arguments,
+    sync_queue_arguments,
 )
 
 log = logging.getLogger(__name__)
@@ -49,6 +51,13 @@ class Publisher:
         channel = await self._connection.channel(publisher_confirms=True, on_return_raises=True)
         self._channel = channel  # type: ignore[assignment]
         await declare_topology(channel, s)
+
+    @property
+    def connection(self) -> AbstractRobustConnection:
+        """The one long-lived connection (for other channels, such as sync requests)."""
+        if self._connection is None:
+            raise ConnectionError("not connected to the broker")
+        return self._connection
 
     async def close(self) -> None:
         if self._connection is not None:
@@ -102,16 +111,21 @@ class Publisher:
 
 
 async def declare_topology(channel: aio_pika.abc.AbstractChannel, settings: Settings) -> None:
-    """Declare the jobs queue, the dead-letter exchange and queue (idempotent)."""
+    """Declare the queues and the dead-letter exchange (idempotent; same as the workers)."""
     dlx = await channel.declare_exchange(
         settings.dead_letter_exchange, aio_pika.ExchangeType.DIRECT, durable=True
     )
-    dlq = await channel.declare_queue(
-        settings.dead_letter_queue, durable=True, arguments=dead_letter_queue_arguments(settings)
-    )
-    await dlq.bind(dlx, routing_key=settings.dead_letter_queue)
+    for name, arguments in (
+        (settings.dead_letter_queue, dead_letter_queue_arguments(settings)),
+        (settings.dead_events_queue, dead_events_queue_arguments(settings)),
+    ):
+        queue = await channel.declare_queue(name, durable=True, arguments=arguments)
+        await queue.bind(dlx, routing_key=settings.dead_letter_queue)
     await channel.declare_queue(
         settings.jobs_queue, durable=True, arguments=jobs_queue_arguments(settings)
+    )
+    await channel.declare_queue(
+        settings.sync_queue, durable=True, arguments=sync_queue_arguments(settings)
     )
 
 

@@ -11,6 +11,7 @@ from redis.asyncio import Redis
 from api.broker import Publisher
 from api.db import Database
 from api.results import ResultReader
+from api.sync import SyncRequester
 from shared.settings import Settings
 from shared.store import Keys
 
@@ -22,6 +23,7 @@ class Clients:
     redis: Redis
     keys: Keys
     results: ResultReader
+    sync: SyncRequester
     db: Database | None = None  # the feedback database (PostgreSQL pool)
 
 

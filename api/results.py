@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from redis.asyncio import Redis
 
 from api.schemas import UserResult
-from shared.generations import GenerationKeys
+from shared.generations import LIVE, GenerationKeys
 from shared.store import Keys, decode_result
 
 
@@ -27,11 +27,16 @@ class GenerationCache:
     _active: list[str] = field(default_factory=list)
     _read_at: float = float("-inf")
 
+    async def current(self) -> str:
+        """The current generation (``live`` before there is any)."""
+        return (await self.active())[0]
+
     async def active(self) -> list[str]:
+        """Generations to read from, newest first, ending with ``live``."""
         now = time.monotonic()
         if now - self._read_at >= self.refresh_s:
             names = await self.redis.zrevrange(self.keys.history, 0, self.depth - 1)
-            self._active = [n.decode() for n in names]
+            self._active = [n.decode() for n in names] + [LIVE]
             self._read_at = now
         return self._active
 

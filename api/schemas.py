@@ -68,5 +68,10 @@ class UserResult(BaseModel):
     generation: str = Field(description="the batch whose run produced this result")
 
 
+class SyncResult(BaseModel):
+    user_id: int
+    playlists: list[int]
+
+
 class Problem(BaseModel):
     detail: str

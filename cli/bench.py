@@ -77,6 +77,8 @@ def bench_fleet(
                     "jobs_queue": f"bench-{run_id}.jobs",
                     "dead_letter_queue": f"bench-{run_id}.dlq",
                     "dead_letter_exchange": f"bench-{run_id}.dlx",
+                    "dead_events_queue": f"bench-{run_id}.dead-events",
+                    "sync_queue": f"bench-{run_id}.sync",
                     "redis_prefix": f"bench-{run_id}",
                     "artifacts": artifacts or base.artifacts,
                     "api_port": base.api_port + 17,

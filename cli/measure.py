@@ -13,6 +13,7 @@ import redis
 from cli.client import submit, wait
 from cli.fleet import LocalFleet
 from shared.settings import Settings
+from shared.topology import queue_names
 
 
 @dataclass
@@ -89,7 +90,7 @@ def cleanup(settings: Settings) -> None:
     client.close()
     conn = pika.BlockingConnection(pika.URLParameters(str(settings.amqp_url)))
     channel = conn.channel()
-    for queue in (settings.jobs_queue, settings.dead_letter_queue):
+    for queue in queue_names(settings):
         channel.queue_delete(queue)
     channel.exchange_delete(settings.dead_letter_exchange)
     conn.close()

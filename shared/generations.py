@@ -26,6 +26,8 @@ from shared.settings import Settings
 from shared.store import BUCKET_BITS, Keys, batch_status
 
 PENDING, ACTIVE, REJECTED, RETIRED = "pending", "active", "rejected", "retired"
+# Where synchronous results go while no generation is current; read after all others.
+LIVE = "live"
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,12 @@ class Settings(BaseSettings):
     jobs_queue: str = "recfleet.jobs"
     dead_letter_exchange: str = "recfleet.dlx"
     dead_letter_queue: str = "recfleet.jobs.dlq"
+    # A copy of every dead letter, consumed by workers to count it in its batch ledger.
+    dead_events_queue: str = "recfleet.jobs.dead-events"
+    # Small synchronous requests, served ahead of batch jobs (request/reply).
+    sync_queue: str = "recfleet.sync"
+    sync_timeout_s: float = Field(default=5.0, gt=0, le=60)
+    max_users_sync: int = Field(default=100, ge=1, le=1000)
     delivery_limit: int = Field(default=5, ge=1, description="deliveries before dead-lettering")
     queue_max_length: int = Field(default=1_000_000, ge=1)
 

@@ -35,3 +35,22 @@ def jobs_queue_arguments(settings: Settings) -> dict[str, Any]:
 def dead_letter_queue_arguments(settings: Settings) -> dict[str, Any]:
     """Arguments of the durable quorum dead-letter queue (no limit, no further dead-lettering)."""
     return {"x-queue-type": "quorum"}
+
+
+def sync_queue_arguments(settings: Settings) -> dict[str, Any]:
+    """A classic queue whose messages expire with the request: nobody waits for them after."""
+    return {"x-message-ttl": int(settings.sync_timeout_s * 1000)}
+
+
+def dead_events_queue_arguments(settings: Settings) -> dict[str, Any]:
+    return {"x-queue-type": "quorum"}
+
+
+def queue_names(settings: Settings) -> tuple[str, ...]:
+    """Every queue recfleet declares under these settings."""
+    return (
+        settings.jobs_queue,
+        settings.dead_letter_queue,
+        settings.dead_events_queue,
+        settings.sync_queue,
+    )

@@ -16,6 +16,7 @@ import redis
 
 from shared.messages import new_id
 from shared.settings import Settings
+from shared.topology import queue_names
 
 
 def free_port() -> int:
@@ -32,6 +33,8 @@ def make_settings(artifacts: Path, **overrides: object) -> Settings:
         "jobs_queue": f"rftest-{run}.jobs",
         "dead_letter_queue": f"rftest-{run}.dlq",
         "dead_letter_exchange": f"rftest-{run}.dlx",
+        "dead_events_queue": f"rftest-{run}.dead-events",
+        "sync_queue": f"rftest-{run}.sync",
         "redis_prefix": f"rftest-{run}",
         "artifacts": artifacts,
         "api_port": free_port(),
@@ -51,7 +54,7 @@ def purge(settings: Settings) -> None:
     client.close()
     conn = pika.BlockingConnection(pika.URLParameters(str(settings.amqp_url)))
     channel = conn.channel()
-    for queue in (settings.jobs_queue, settings.dead_letter_queue):
+    for queue in queue_names(settings):
         channel.queue_delete(queue)
     channel.exchange_delete(settings.dead_letter_exchange)
     conn.close()

@@ -19,8 +19,8 @@ import re
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
 
+import orjson
 import pika
 import pika.exceptions
 from pika.adapters.blocking_connection import BlockingChannel
@@ -33,11 +33,14 @@ from shared.settings import Settings
 from shared.topology import (
     HEADER_BATCH_ID,
     HEADER_USERS,
+    dead_events_queue_arguments,
     dead_letter_queue_arguments,
     jobs_queue_arguments,
+    sync_queue_arguments,
 )
 from worker import metrics
 from worker.handler import JobHandler
+from worker.lanes import BATCH, URGENT, PriorityLane
 
 log = logging.getLogger(__name__)
 QUEUE_SAMPLE_EVERY_S = 5.0
@@ -52,7 +55,7 @@ class Consumer:
         self.handler = handler
         self.sample_queues = sample_queues
         self._stopping = threading.Event()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rank")
+        self._lane = PriorityLane()
         self._connection: pika.BlockingConnection | None = None
         self._last_tick = 0.0
         self._consuming = False
@@ -81,7 +84,7 @@ class Consumer:
                 log.warning("broker connection lost (%r); reconnecting in %.1fs", exc, delay)
                 self._stopping.wait(delay)
                 delay = min(delay * 2, 30.0)
-        self._executor.shutdown(wait=True)
+        self._lane.shutdown()
         log.info("consumer stopped")
 
     # -- connection ---------------------------------------------------------------
@@ -96,7 +99,11 @@ class Consumer:
             channel = connection.channel()
             declare_topology(channel, s)
             channel.basic_qos(prefetch_count=s.prefetch)
-            tag = channel.basic_consume(s.jobs_queue, self._on_message)
+            tags = [
+                channel.basic_consume(s.jobs_queue, self._on_message),
+                channel.basic_consume(s.sync_queue, self._on_sync),
+                channel.basic_consume(s.dead_events_queue, self._on_dead_event),
+            ]
             self._consuming = True
             log.info("consuming %s (prefetch %d)", s.jobs_queue, s.prefetch)
             next_sample = 0.0
@@ -107,7 +114,8 @@ class Consumer:
                     self._sample_queues(connection)
                     next_sample = self._last_tick + QUEUE_SAMPLE_EVERY_S
             self._consuming = False
-            channel.basic_cancel(tag)
+            for tag in tags:
+                channel.basic_cancel(tag)
             self._drain(connection)
         finally:
             self._consuming = False
@@ -116,8 +124,7 @@ class Consumer:
 
     def _drain(self, connection: pika.BlockingConnection) -> None:
         """Keep the I/O loop turning until every submitted job has acked or requeued."""
-        pending: Future[None] = self._executor.submit(lambda: None)
-        while not pending.done():
+        while not self._lane.idle:
             connection.process_data_events(time_limit=0.1)
         connection.process_data_events(time_limit=0)
 
@@ -138,7 +145,69 @@ class Consumer:
     ) -> None:
         if method.redelivered:
             metrics.REDELIVERIES.inc()
-        self._executor.submit(self._work, channel, method.delivery_tag, props, body)
+        self._lane.submit(
+            BATCH, functools.partial(self._work, channel, method.delivery_tag, props, body)
+        )
+
+    def _on_sync(
+        self, channel: BlockingChannel, method: Basic.Deliver, props: BasicProperties, body: bytes
+    ) -> None:
+        self._lane.submit(
+            URGENT, functools.partial(self._work_sync, channel, method.delivery_tag, props, body)
+        )
+
+    def _on_dead_event(
+        self, channel: BlockingChannel, method: Basic.Deliver, props: BasicProperties, _body: bytes
+    ) -> None:
+        self._lane.submit(
+            URGENT, functools.partial(self._count_dead, channel, method.delivery_tag, props)
+        )
+
+    def _work_sync(
+        self, channel: BlockingChannel, tag: int, props: BasicProperties, body: bytes
+    ) -> None:
+        """Rank a small request now and answer on its reply-to address."""
+        if self._stopping.is_set():
+            self._reply(channel.basic_nack, tag, requeue=True)
+            return
+        try:
+            job = decode_job(body)
+            summary = self.handler.handle(job, want_results=True)
+            answer = orjson.dumps(
+                [
+                    {"user_id": uid, "playlists": playlists}
+                    for uid, playlists in zip(job.user_ids, summary.results or [], strict=True)
+                ]
+            )
+        except UndecodableMessage as exc:
+            log.error("sync request %s dropped: %s", props.correlation_id, exc.reason[:300])
+            self._reply(channel.basic_reject, tag, requeue=False)
+            return
+        except TransientError as exc:
+            # The caller times out with a 504; a retry of its own is the right fix.
+            log.warning("sync request %s failed: %s", props.correlation_id, exc)
+            self._reply(channel.basic_reject, tag, requeue=False)
+            return
+        if props.reply_to:
+            self._publish_reply(channel, props, answer)
+        metrics.JOBS.labels("sync").inc()
+        self._reply(channel.basic_ack, tag)
+
+    def _publish_reply(self, channel: BlockingChannel, props: BasicProperties, body: bytes) -> None:
+        reply_props = BasicProperties(
+            correlation_id=props.correlation_id, content_type="application/json"
+        )
+        self._on_io_thread(
+            functools.partial(channel.basic_publish, "", props.reply_to, body, reply_props),
+            f"reply {props.correlation_id}",
+        )
+
+    def _count_dead(self, channel: BlockingChannel, tag: int, props: BasicProperties) -> None:
+        """A copy of a dead letter (the original stays in the DLQ): count it in its batch."""
+        try:
+            self._record_dead(props)
+        finally:
+            self._reply(channel.basic_ack, tag)
 
     def _work(
         self, channel: BlockingChannel, tag: int, props: BasicProperties, body: bytes
@@ -188,7 +257,7 @@ class Consumer:
         )
         metrics.DEAD_LETTERED.labels("undecodable").inc()
         metrics.JOBS.labels("dead").inc()
-        self._record_dead(props)
+        # The broker's copy on the dead-events queue counts it in its batch ledger.
         self._reply(channel.basic_reject, tag, requeue=False)
 
     def _record_dead(self, props: BasicProperties) -> None:
@@ -208,19 +277,24 @@ class Consumer:
             )
 
     def _reply(self, fn: Callable[..., None], tag: int, **kwargs: bool) -> None:
+        """Settle a delivery (ack, nack, reject) from the compute thread."""
+        self._on_io_thread(functools.partial(fn, tag, **kwargs), f"delivery {tag}")
+
+    def _on_io_thread(self, call: Callable[[], object], what: str) -> None:
+        """Run ``call`` on the connection's thread; pika channels are not thread-safe."""
         connection = self._connection
         if connection is None or not connection.is_open:
-            log.warning("connection closed before delivery %d was settled; broker redelivers", tag)
+            log.warning("connection closed before %s was settled; broker redelivers", what)
             return
-        connection.add_callback_threadsafe(functools.partial(self._settle, fn, tag, kwargs))
+        connection.add_callback_threadsafe(functools.partial(self._settle, call, what))
 
     @staticmethod
-    def _settle(fn: Callable[..., None], tag: int, kwargs: dict[str, bool]) -> None:
+    def _settle(call: Callable[[], object], what: str) -> None:
         try:
-            fn(tag, **kwargs)
+            call()
         except pika.exceptions.AMQPError:
             # A late settle on a channel that closed (or belongs to an older connection).
-            log.warning("channel closed before delivery %d was settled; broker redelivers", tag)
+            log.warning("channel closed before %s was settled; broker redelivers", what)
 
 
 def _ids(props: BasicProperties) -> dict[str, str | None]:
@@ -233,16 +307,19 @@ def _ids(props: BasicProperties) -> dict[str, str | None]:
 
 
 def declare_topology(channel: BlockingChannel, settings: Settings) -> None:
-    """Declare the jobs queue, the dead-letter exchange and queue, as the gateway does."""
+    """Declare the queues and the dead-letter exchange, as the gateway does."""
     channel.exchange_declare(settings.dead_letter_exchange, "direct", durable=True)
-    channel.queue_declare(
-        settings.dead_letter_queue, durable=True, arguments=dead_letter_queue_arguments(settings)
-    )
-    channel.queue_bind(
-        settings.dead_letter_queue,
-        settings.dead_letter_exchange,
-        routing_key=settings.dead_letter_queue,
-    )
+    for name, arguments in (
+        (settings.dead_letter_queue, dead_letter_queue_arguments(settings)),
+        (settings.dead_events_queue, dead_events_queue_arguments(settings)),
+    ):
+        channel.queue_declare(name, durable=True, arguments=arguments)
+        channel.queue_bind(
+            name, settings.dead_letter_exchange, routing_key=settings.dead_letter_queue
+        )
     channel.queue_declare(
         settings.jobs_queue, durable=True, arguments=jobs_queue_arguments(settings)
+    )
+    channel.queue_declare(
+        settings.sync_queue, durable=True, arguments=sync_queue_arguments(settings)
     )

@@ -40,6 +40,7 @@ class JobSummary:
     rank_s: float
     write_s: float
     model_version: str
+    results: list[list[int]] | None = None  # external playlist ids, when asked for
 
 
 class JobHandler:
@@ -73,7 +74,7 @@ class JobHandler:
             self._pins[job.batch_id] = version
         return current if version == current.version else self.models.get(version)
 
-    def handle(self, job: Job) -> JobSummary:
+    def handle(self, job: Job, *, want_results: bool = False) -> JobSummary:
         """Rank every user of the job and write all results and the job's progress at once.
 
         Writing is idempotent: a redelivered job writes the same bytes and counts once.
@@ -99,7 +100,8 @@ class JobHandler:
             self.finalize(job.batch_id)
 
         self._observe(recommended, ranked.n_candidates, len(user_ids), cold, rank_s, write_s)
-        return JobSummary(len(user_ids), cold, rank_s, write_s, model.version)
+        results = [[int(p) for p in row if p >= 0] for row in external] if want_results else None
+        return JobSummary(len(user_ids), cold, rank_s, write_s, model.version, results)
 
     def finalize(self, batch_id: str) -> None:
         """Run the gates of a complete batch and make it current if they pass."""

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import time
 from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Path, status
 
 from api.deps import ClientsDep
-from api.schemas import Problem, UserResult
-from shared.messages import MAX_USER_ID
+from api.schemas import Problem, SyncResult, UserIdsRequest, UserResult
+from api.sync import SyncTimeout
+from shared.messages import MAX_USER_ID, Job, new_id
 
 router = APIRouter(tags=["playlists"])
 
@@ -24,3 +26,37 @@ async def get_playlists(
     if result is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"no recommendations for user {user_id}")
     return result
+
+
+@router.post(
+    "/api/playlist/recommend/",
+    response_model=list[SyncResult],
+    responses={413: {"model": Problem}, 503: {"model": Problem}, 504: {"model": Problem}},
+)
+async def recommend_now(body: UserIdsRequest, clients: ClientsDep) -> list[SyncResult]:
+    """Rank a few users now, through the fleet (served ahead of batch jobs). The results
+    are also written into the current generation, so later reads return them too."""
+    s = clients.settings
+    if len(body.user_ids) > s.max_users_sync:
+        raise HTTPException(
+            status.HTTP_413_CONTENT_TOO_LARGE,
+            f"{len(body.user_ids)} user ids; at most {s.max_users_sync} per synchronous "
+            "request (use POST /api/playlist/beta_recommend/ for more)",
+        )
+    user_ids = list(dict.fromkeys(body.user_ids))
+    job = Job(
+        job_id=f"sync-{new_id()}",
+        batch_id=f"sync-{new_id()}",
+        user_ids=user_ids,
+        created_at=time.time(),
+        generation=await clients.results.generations.current(),
+    )
+    try:
+        answer = await clients.sync.request(job)
+    except SyncTimeout as exc:
+        raise HTTPException(status.HTTP_504_GATEWAY_TIMEOUT, str(exc)) from exc
+    except ConnectionError as exc:
+        raise HTTPException(
+            status.HTTP_503_SERVICE_UNAVAILABLE, str(exc), headers={"Retry-After": "5"}
+        ) from exc
+    return [SyncResult(**row) for row in answer]

@@ -1,0 +1,53 @@
+"""One compute thread that always takes the most urgent task first."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import threading
+from collections.abc import Callable
+
+log = logging.getLogger(__name__)
+
+URGENT = 0  # synchronous requests and dead-letter bookkeeping
+BATCH = 1  # batch jobs
+
+
+class PriorityLane:
+    """Runs submitted callables one at a time on its own thread, lowest priority first,
+    in submission order within a priority. Torch uses one thread per worker process, so
+    one compute thread is all a process needs; the lane keeps sync requests ahead."""
+
+    def __init__(self, name: str = "rank") -> None:
+        self._queue: queue.PriorityQueue[tuple[int, int, Callable[[], None] | None]] = (
+            queue.PriorityQueue()
+        )
+        self._seq = itertools.count()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def submit(self, priority: int, fn: Callable[[], None]) -> None:
+        self._queue.put((priority, next(self._seq), fn))
+
+    @property
+    def idle(self) -> bool:
+        """Nothing queued and nothing running."""
+        return self._queue.unfinished_tasks == 0
+
+    def shutdown(self) -> None:
+        """Finish what was submitted, then stop the thread."""
+        self._queue.put((1 << 30, next(self._seq), None))
+        self._thread.join()
+
+    def _run(self) -> None:
+        while True:
+            _, _, fn = self._queue.get()
+            try:
+                if fn is None:
+                    return
+                fn()
+            except Exception:  # a task's failure must not kill the lane
+                log.exception("task failed")
+            finally:
+                self._queue.task_done()
