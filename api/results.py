@@ -66,7 +66,7 @@ class ResultReader:
         generations = await self.generations.active()
         if not generations:
             return None
-        field_name = str(user_id)
+        field_name = self.generations.keys.result_field(user_id)
         gen_keys = self.generations.keys
         async with self.redis.pipeline(transaction=False) as pipe:
             for gen in generations:

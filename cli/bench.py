@@ -9,6 +9,7 @@ from pathlib import Path
 
 import click
 
+from cli.bench_store import bench_store
 from cli.client import console
 from cli.measure import cleanup, measure
 from shared.messages import new_id
@@ -120,3 +121,6 @@ def bench_fleet(
                 f"processes={r['processes']:<3} users={r['users']:<9} "
                 f"median total {r['total_s']:.2f}s  {r['users_per_s']:,.0f} users/s"
             )
+
+
+bench.add_command(bench_store)

@@ -18,6 +18,7 @@ never mixes model versions).
 from __future__ import annotations
 
 import time
+from collections import defaultdict
 from collections.abc import Generator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -37,6 +38,14 @@ class GenerationKeys:
     def result_bucket(self, generation: str, user_id: int) -> str:
         return f"{self.prefix}:r:{generation}:{user_id >> BUCKET_BITS}"
 
+    @staticmethod
+    def result_field(user_id: int) -> int:
+        """The user's field in its bucket: the low bits of the id (the key holds the rest).
+
+        A small integer field keeps each listpack entry a few bytes shorter.
+        """
+        return user_id & ((1 << BUCKET_BITS) - 1)
+
     def result_pattern(self, generation: str) -> str:
         return f"{self.prefix}:r:{generation}:*"
 
@@ -44,6 +53,16 @@ class GenerationKeys:
     def history(self) -> str:
         """Sorted set: active generation -> time it became current (newest = current)."""
         return f"{self.prefix}:gen:history"
+
+
+def bucket_mappings(
+    keys: GenerationKeys, generation: str, user_ids: list[int], values: list[bytes]
+) -> dict[str, dict[int, bytes]]:
+    """Group packed results by result hash: ``{key: {field: value}}``, one HSET each."""
+    out: dict[str, dict[int, bytes]] = defaultdict(dict)
+    for uid, value in zip(user_ids, values, strict=True):
+        out[keys.result_bucket(generation, uid)][keys.result_field(uid)] = value
+    return out
 
 
 # Append users to an open batch: reserve job indices and count users, atomically.

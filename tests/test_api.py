@@ -121,7 +121,7 @@ async def test_reads_one_users_result(
     (raw,) = encode_results(
         np.array([[9, 8, 7]]), np.array([True]), 1_700_000_000, model_tag("bpr-x")
     )
-    redis_client.hset(gen_keys.result_bucket("gen1", 4242), "4242", raw)
+    redis_client.hset(gen_keys.result_bucket("gen1", 4242), gen_keys.result_field(4242), raw)
     redis_client.hset(keys.models, str(model_tag("bpr-x")), "bpr-x")
     redis_client.zadd(gen_keys.history, {"gen1": 1.0})
     resp = await client.get("/api/playlist/4242")

@@ -12,8 +12,8 @@ import redis
 from cli.client import submit, wait
 from cli.fleet import LocalFleet
 from shared.artifacts import load_artifacts
-from shared.settings import Settings
 from shared.generations import GenerationKeys
+from shared.settings import Settings
 from shared.store import decode_result
 from worker.ranking import Ranker
 
@@ -44,7 +44,7 @@ def test_5000_users_over_http_each_result_equals_direct_ranking(
     client = redis.Redis.from_url(str(fleet_settings.redis_url))
     with client.pipeline(transaction=False) as pipe:
         for uid in user_ids:
-            pipe.hget(keys.result_bucket(status["batch_id"], uid), str(uid))
+            pipe.hget(keys.result_bucket(status["batch_id"], uid), keys.result_field(uid))
         stored = pipe.execute()
     client.close()
     assert all(raw is not None for raw in stored)

@@ -55,7 +55,7 @@ def test_results_equal_direct_ranking_and_cold_users_get_the_fallback(
     direct = Ranker.from_artifacts(art, k=fleet_settings.top_k).rank(art.user_rows(np.array(users)))
     keys = GenerationKeys(fleet_settings.redis_prefix)
     for i, uid in enumerate(users):
-        raw = handler.redis.hget(keys.result_bucket("b1", uid), str(uid))
+        raw = handler.redis.hget(keys.result_bucket("b1", uid), keys.result_field(uid))
         assert raw is not None
         result = decode_result(raw)
         rows = direct.playlists[i][direct.playlists[i] >= 0]
@@ -63,7 +63,7 @@ def test_results_equal_direct_ranking_and_cold_users_get_the_fallback(
         assert result.cold == bool(direct.cold[i])
         assert result.generated_at == int(job.created_at)
     unknown = decode_result(
-        handler.redis.hget(keys.result_bucket("b1", 10**12), str(10**12)) or b""
+        handler.redis.hget(keys.result_bucket("b1", 10**12), keys.result_field(10**12)) or b""
     )
     assert unknown.cold
     assert unknown.playlists == art.playlist_ids[art.fallback[: fleet_settings.top_k]].tolist()

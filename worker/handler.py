@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import defaultdict
 from dataclasses import dataclass
 
 import numpy as np
@@ -15,7 +14,7 @@ import redis
 
 from shared.drift import POPULARITY_LABELS
 from shared.errors import TransientError
-from shared.generations import GenerationKeys, finalize_steps, run_steps
+from shared.generations import GenerationKeys, bucket_mappings, finalize_steps, run_steps
 from shared.messages import Job
 from shared.settings import Settings
 from shared.store import COMPLETED, PROGRESS_SCRIPT, Keys, encode_results, popularity_args
@@ -136,9 +135,7 @@ class JobHandler:
     ) -> int:
         """One pipelined round trip; returns the progress script's answer."""
         generation = job.generation or job.batch_id
-        by_bucket: dict[str, dict[int, bytes]] = defaultdict(dict)
-        for uid, value in zip(user_ids.tolist(), values, strict=True):
-            by_bucket[self.gen_keys.result_bucket(generation, uid)][uid] = value
+        by_bucket = bucket_mappings(self.gen_keys, generation, user_ids.tolist(), values)
         try:
             with self.redis.pipeline(transaction=False) as pipe:
                 for key, mapping in by_bucket.items():
