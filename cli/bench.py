@@ -9,6 +9,7 @@ from pathlib import Path
 
 import click
 
+from cli.bench_reads import bench_reads
 from cli.bench_store import bench_store
 from cli.client import console
 from cli.measure import cleanup, measure
@@ -124,3 +125,4 @@ def bench_fleet(
 
 
 bench.add_command(bench_store)
+bench.add_command(bench_reads)

@@ -54,7 +54,8 @@ class LocalFleet:
         )
 
     def __enter__(self) -> LocalFleet:
-        self.workers = self._spawn("worker", ["worker", "--processes", str(self.processes)])
+        if self.processes:
+            self.workers = self._spawn("worker", ["worker", "--processes", str(self.processes)])
         if self.start_api:
             self.api = self._spawn("api", ["api"])
             self._wait_ready()
