@@ -24,7 +24,7 @@ import numpy as np
 import psycopg
 
 from cli.db import database_url_option, resolve_database_url
-from shared.artifacts import load_artifacts, read_manifest, write_manifest
+from shared.artifacts import MANIFEST, load_artifacts, read_manifest, write_manifest
 from shared.errors import ArtifactError
 from shared.feedback import CtrRow, click_through, export_triplets, save_triplets, start_of_day
 from shared.settings import get_settings
@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from offline.synthetic import SyntheticTruth
 
 TRUTH_FILE = "synthetic_truth.npz"
+CURRENT = "CURRENT"  # in a model root, names the artifact directory serving new batches
 BASELINE_SUFFIX = "-popularity"
 
 
@@ -129,9 +130,12 @@ class World:
 
     @classmethod
     def load(cls, artifacts: Path) -> World:
-        """Raises click.ClickException when the directory has no synthetic ground truth."""
+        """The truth of an artifact directory, or of the one a model root's ``CURRENT``
+        names. Raises click.ClickException when there is no synthetic ground truth."""
         from offline.synthetic import SyntheticTruth
 
+        if not (artifacts / MANIFEST).is_file() and (artifacts / CURRENT).is_file():
+            artifacts = artifacts / (artifacts / CURRENT).read_text().strip()
         try:
             truth = SyntheticTruth.load(artifacts / TRUTH_FILE)
             user_ids = np.load(artifacts / "user_ids.npy", mmap_mode="r")
@@ -302,8 +306,10 @@ def simulate(
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="directory to write")
 def baseline(source: Path, out: Path) -> None:
     """Copy an artifact directory into one that serves every user the popularity fallback,
-    as model version '<version>-popularity'. Serve it (RECFLEET_ARTIFACTS) and simulate the
-    same users again to compare the trained model's CTR with the fallback's."""
+    as model version '<version>-popularity'. Roll it out (a model root's CURRENT), rank the
+    users again and simulate them again to compare the trained model's CTR with the
+    fallback's. Its users are all cold: its batches need RECFLEET_GATE_MAX_COLD_FRACTION=1
+    (or `recfleet generations activate`) to become current."""
     if out.exists():
         raise click.ClickException(f"{out} already exists")
     try:

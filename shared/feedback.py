@@ -11,8 +11,9 @@ Tables (``migrations/0001_feedback.sql``)::
     feedback     like_id, impression_id, user_id, playlist_id, rank (1 = first shown),
                  liked_at; one row per (impression, playlist)
 
-Results carry no generation id yet, so an impression's ``generation`` is the result's
-``generated_at`` written as ISO-8601 UTC text (``generation_of``).
+An impression's ``generation`` is the generation the list was read from: the id of the
+batch whose run produced it (``live`` for a synchronous result served before any
+generation was current).
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ class Impression(BaseModel):
     playlists: list[int] = Field(description="playlist ids, best first; rank 1 is the first")
     model_version: str
     generated_at: float
-    generation: str = Field(description="the result's generated_at as ISO-8601 UTC, for now")
+    generation: str = Field(description="the generation (batch id) the list was read from")
     cold: bool
     shown_at: datetime
 
@@ -76,11 +77,6 @@ class Like(BaseModel):
     playlist_id: int
     rank: int = Field(description="position of the playlist in the impression, 1 = first")
     liked_at: datetime
-
-
-def generation_of(generated_at: float) -> str:
-    """The generation name of a result, until results carry a generation id."""
-    return datetime.fromtimestamp(generated_at, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def start_of_day(day: date) -> datetime:

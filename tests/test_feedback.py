@@ -3,11 +3,15 @@ PostgreSQL outages, the CTR gauge, and the ``recfleet feedback`` commands."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import threading
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 import numpy as np
@@ -21,13 +25,14 @@ from pydantic import PostgresDsn
 
 from api.app import create_app
 from cli.main import cli
-from shared.feedback import generation_of
+from shared.generations import GenerationKeys, bucket_mappings
 from shared.migrate import MIGRATIONS_DIR, MigrationError, upgrade
 from shared.settings import Settings
 from shared.store import Keys, encode_results, model_tag
 from tests.conftest import database_url_for, free_port
 
 GENERATED_AT = 1_750_000_000
+GENERATION = "gen1"
 
 
 @pytest.fixture
@@ -76,14 +81,17 @@ async def client(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
 def store_result(
     settings: Settings, user_id: int, playlists: list[int], version: str, cold: bool = False
 ) -> None:
-    """Write one user's result the way the workers do."""
+    """Write one user's result into the current generation, the way the workers do."""
     keys = Keys(settings.redis_prefix)
+    gen_keys = GenerationKeys(settings.redis_prefix)
     (raw,) = encode_results(
         np.array([playlists]), np.array([cold]), GENERATED_AT, model_tag(version)
     )
     client = redis.Redis.from_url(str(settings.redis_url))
-    client.hset(keys.bucket_of(user_id), str(user_id), raw)
+    for key, mapping in bucket_mappings(gen_keys, GENERATION, [user_id], [raw]).items():
+        client.hset(key, mapping=mapping)  # type: ignore[arg-type]
     client.hset(keys.models, str(model_tag(version)), version)
+    client.zadd(gen_keys.history, {GENERATION: 1.0})
     client.close()
 
 
@@ -110,13 +118,14 @@ def test_db_upgrade_applies_each_migration_once(empty_database: str) -> None:
     first = runner.invoke(cli, ["db", "upgrade", "--database-url", empty_database])
     assert first.exit_code == 0, first.output
     assert "applied 0001_feedback" in first.output
+    assert "applied 0002_generation_is_a_batch_id" in first.output
     again = runner.invoke(cli, ["db", "upgrade", "--database-url", empty_database])
     assert again.exit_code == 0 and "up to date" in again.output
     status = runner.invoke(cli, ["db", "status", "--database-url", empty_database])
     assert "applied  0001_feedback" in status.output
     with psycopg.connect(empty_database) as conn:
         rows = conn.execute("SELECT version, name FROM schema_migrations").fetchall()
-        assert rows == [(1, "feedback")]
+        assert rows == [(1, "feedback"), (2, "generation_is_a_batch_id")]
         assert count(conn, "impressions") == 0 and count(conn, "feedback") == 0
 
 
@@ -136,7 +145,7 @@ def test_concurrent_upgrades_apply_once(empty_database: str) -> None:
     for t in threads:
         t.join()
     assert not errors
-    assert sorted(results) == [[], [], [1]]
+    assert sorted(results) == [[], [], [1, 2]]
 
 
 def test_a_failing_migration_applies_nothing(empty_database: str, tmp_path: Path) -> None:
@@ -176,16 +185,16 @@ async def test_an_impression_records_what_was_served(
     body = resp.json()
     assert body["playlists"] == [7, 3, 9] and body["model_version"] == "bpr-a"
     assert body["generated_at"] == GENERATED_AT and body["cold"] is False
-    assert body["generation"] == generation_of(GENERATED_AT) == "2025-06-15T15:06:40Z"
+    assert body["generation"] == GENERATION
     row = db.execute(
         "SELECT user_id, playlists, generation, model_version, cold, shown_at IS NOT NULL "
         "FROM impressions WHERE impression_id = %s",
         (uuid.UUID(body["impression_id"]),),
     ).fetchone()
-    assert row == (42, [7, 3, 9], "2025-06-15T15:06:40Z", "bpr-a", False, True)
+    assert row == (42, [7, 3, 9], GENERATION, "bpr-a", False, True)
     # The read contract is unchanged.
     read = (await client.get("/api/playlist/42")).json()
-    assert set(read) == {"user_id", "playlists", "model_version", "generated_at", "cold"}
+    assert {"user_id", "playlists", "model_version", "generated_at", "cold"} <= set(read)
 
 
 async def test_no_result_is_404_and_bad_bodies_are_422(
@@ -361,3 +370,147 @@ async def test_ctr_gauge_cli_and_export(
         ],
     )
     assert later.exit_code == 0 and np.load(path).shape == (0, 3)
+
+
+# --- simulated users: the trained model against the popularity fallback -----------------
+
+
+@pytest.mark.e2e
+def test_simulated_users_like_the_trained_model_more_than_the_fallback(
+    fleet_settings: Settings, database_url: str, db: psycopg.Connection, tmp_path: Path
+) -> None:
+    """Serve the trained model, simulate users; roll out the popularity baseline, simulate
+    the same users; the CTR per model version says which one they liked more."""
+    from cli.client import submit, wait
+    from cli.fleet import LocalFleet
+    from shared.artifacts import read_manifest
+
+    trained_version = read_manifest(fleet_settings.artifacts)["model_version"]
+    baseline_version = f"{trained_version}-popularity"
+    root = tmp_path / "models"  # a model root: workers follow its CURRENT file
+    root.mkdir()
+    (root / "trained").symlink_to(fleet_settings.artifacts)
+    runner = CliRunner()
+    made = runner.invoke(
+        cli, ["feedback", "baseline", str(fleet_settings.artifacts), "--out", str(root / "popular")]
+    )
+    assert made.exit_code == 0, made.output
+    (root / "CURRENT").write_text("trained\n")
+    settings = fleet_settings.model_copy(
+        update={
+            "database_url": PostgresDsn(database_url),
+            "artifacts": root,
+            "gate_max_cold_fraction": 1.0,  # the baseline's users are all cold by design
+        }
+    )
+    users = list(range(int(read_manifest(fleet_settings.artifacts)["n_users"])))
+    simulate = ["feedback", "simulate", "--users", "400", "--seed", "3", "--json"]
+    reports = []
+    with LocalFleet(settings, processes=1, log_dir=tmp_path / "logs") as fleet:
+        fleet.wait_workers_consuming()
+        simulate += ["--artifacts", str(root), "--api-url", fleet.base_url]
+        with httpx.Client(base_url=fleet.base_url, timeout=60) as http:
+            for current, version in (("trained", trained_version), ("popular", baseline_version)):
+                (root / "CURRENT").write_text(current + "\n")
+                time.sleep(1.5)  # workers look at CURRENT between jobs, once a second
+                sub = submit(http, users, chunk=len(users))
+                (status,) = wait(http, sub.batch_ids, sub.users, show=False)
+                assert status["gen_state"] == "active", status
+                wait_for_model(http, users[-1], version)
+                result = runner.invoke(cli, simulate)
+                assert result.exit_code == 0, result.output
+                reports.append(json.loads(result.stdout)["models"])
+
+    assert list(reports[0]) == [trained_version] and list(reports[1]) == [baseline_version]
+    trained, baseline = reports[0][trained_version], reports[1][baseline_version]
+    assert trained["impressions"] == baseline["impressions"] == 400
+    assert trained["expected_ctr"] > baseline["expected_ctr"]
+    report = runner.invoke(cli, ["feedback", "ctr", "--json", "--database-url", database_url])
+    ctr = json.loads(report.stdout)["models"]
+    assert ctr[trained_version]["likes"] == trained["likes"]
+    assert ctr[baseline_version]["likes"] == baseline["likes"]
+    assert ctr[trained_version]["ctr"] > ctr[baseline_version]["ctr"]
+
+
+def wait_for_model(http: httpx.Client, user_id: int, version: str, timeout: float = 10) -> None:
+    """Wait until the gateway serves ``user_id`` a result of ``version``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        served = http.get(f"/api/playlist/{user_id}").json().get("model_version")
+        if served == version:
+            return
+        assert time.monotonic() < deadline, f"still serving {served}, not {version}"
+        time.sleep(0.2)
+
+
+class TcpProxy:
+    """A TCP forwarder to the PostgreSQL server: stopping it is PostgreSQL going away for
+    the gateway, without touching the server other tests use."""
+
+    def __init__(self, port: int, target: tuple[str, int]) -> None:
+        self.port = port
+        self.target = target
+        self.server: asyncio.Server | None = None
+        self.transports: list[asyncio.BaseTransport] = []
+
+    async def start(self) -> None:
+        self.server = await asyncio.start_server(self._accept, "127.0.0.1", self.port)
+
+    async def stop(self) -> None:
+        """Stop listening and cut every open connection, like a crashed server."""
+        assert self.server is not None
+        self.server.close()
+        for transport in self.transports:
+            transport.abort()
+        self.transports.clear()
+        await self.server.wait_closed()
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection(*self.target)
+        self.transports += [writer.transport, up_writer.transport]
+        await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer))
+
+    @staticmethod
+    async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(OSError, asyncio.CancelledError):
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        writer.transport.abort()
+
+
+async def test_postgres_going_away_and_coming_back(
+    settings: Settings, database_url: str, db: psycopg.Connection
+) -> None:
+    real = urlsplit(database_url)
+    proxy = TcpProxy(free_port(), (real.hostname or "127.0.0.1", real.port or 5432))
+    via_proxy = urlunsplit(real._replace(netloc=f"{real.username}@127.0.0.1:{proxy.port}"))
+    app = create_app(settings.model_copy(update={"database_url": PostgresDsn(via_proxy)}))
+    store_result(settings, 42, [7, 3, 9], "bpr-a")
+    async for client in started(app):  # PostgreSQL is down when the gateway starts
+        assert (await client.post("/api/impressions", json={"user_id": 42})).status_code == 503
+        await proxy.start()
+        shown = await eventually_201(client, "/api/impressions", {"user_id": 42})
+        await proxy.stop()  # down again, with connections open in the pool
+        like = like_body(shown, 3)
+        down = await client.post("/api/feedback", json=like)
+        assert down.status_code == 503, down.text
+        await proxy.start()
+        again = await eventually_201(client, "/api/feedback", like)
+        assert again["rank"] == 2
+        await proxy.stop()
+    assert count(db, "impressions") == 1 and count(db, "feedback") == 1
+
+
+async def eventually_201(client: httpx.AsyncClient, path: str, body: dict) -> dict:
+    """Post until the gateway answers 201 (it reconnects on its own); fail after 30 s."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 30
+    while True:
+        resp = await client.post(path, json=body)
+        if resp.status_code == 201 or loop.time() > deadline:
+            break
+        assert resp.status_code == 503, resp.text
+        await asyncio.sleep(0.5)
+    assert resp.status_code == 201, f"{path} still {resp.status_code} after 30 s: {resp.text}"
+    return dict(resp.json())

@@ -61,8 +61,9 @@
     return { status: response.status, body };
   }
 
-  function generationLabel(generation) {
-    return generation.replace("T", " ").replace(/:\d\dZ$/, " UTC");
+  function timeLabel(seconds) {
+    const iso = new Date(Number(seconds) * 1000).toISOString();
+    return `${iso.slice(0, 10)} ${iso.slice(11, 16)} UTC`;
   }
 
   function playlistItem(playlistId, rank) {
@@ -98,7 +99,9 @@
     likeIds.clear();
     $("results-user").textContent = impression.user_id;
     $("meta-model").textContent = impression.model_version;
-    $("meta-generation").textContent = generationLabel(impression.generation);
+    $("meta-generation").textContent = impression.generation;
+    $("meta-generation").title = impression.generation;
+    $("meta-generated").textContent = timeLabel(impression.generated_at);
     const note = $("cold-note");
     note.hidden = !impression.cold;
     note.textContent = impression.cold
