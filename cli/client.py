@@ -7,6 +7,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import httpx
+import orjson
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -37,25 +38,50 @@ def chunks(ids: Sequence[int], size: int) -> Iterable[Sequence[int]]:
         yield ids[i : i + size]
 
 
+def _post(client: httpx.Client, path: str, expect: int, **kwargs: object) -> dict:
+    """POST, retrying 429/503 (as Retry-After says) and network errors a few times.
+
+    Raises GatewayError naming the status and the gateway's reason.
+    """
+    for attempt in range(5):
+        try:
+            resp = client.post(path, **kwargs)  # type: ignore[arg-type]
+        except httpx.HTTPError as exc:
+            if attempt == 4:
+                raise GatewayError(f"gateway unreachable at {client.base_url}: {exc}") from exc
+            time.sleep(1 + attempt)
+            continue
+        if resp.status_code == expect:
+            return dict(resp.json())
+        if resp.status_code in (429, 503) and attempt < 4:
+            time.sleep(float(resp.headers.get("Retry-After", 1 + attempt)))
+            continue
+        raise GatewayError(f"gateway answered {resp.status_code}: {resp.text[:500]}")
+    raise AssertionError("unreachable")
+
+
 def submit(client: httpx.Client, user_ids: Sequence[int], chunk: int) -> Submitted:
-    """Post ``user_ids`` in requests of ``chunk`` ids; one batch per request.
+    """Submit ``user_ids`` as ONE batch (one generation): open it, append requests of
+    ``chunk`` ids, seal it. Each request carries an Idempotency-Key derived from the batch
+    and chunk, so a retry after a lost answer never queues the same users twice.
 
     Raises GatewayError naming the status and the gateway's reason.
     """
     start = time.perf_counter()
-    batch_ids, users, jobs = [], 0, 0
-    for part in chunks(user_ids, chunk):
-        try:
-            resp = client.post("/api/playlist/beta_recommend/", json={"user_ids": list(part)})
-        except httpx.HTTPError as exc:
-            raise GatewayError(f"gateway unreachable at {client.base_url}: {exc}") from exc
-        if resp.status_code != 202:
-            raise GatewayError(f"gateway answered {resp.status_code}: {resp.text[:500]}")
-        body = resp.json()
-        batch_ids.append(body["batch_id"])
+    batch_id = _post(client, "/api/batches", 201)["batch_id"]
+    users = jobs = 0
+    for i, part in enumerate(chunks(user_ids, chunk)):
+        body = _post(
+            client,
+            "/api/playlist/beta_recommend/",
+            202,
+            content=orjson.dumps({"user_ids": list(part), "batch_id": batch_id}),
+            headers={"content-type": "application/json", "Idempotency-Key": f"{batch_id}-{i}"},
+        )
         users += body["users"]
         jobs += body["jobs"]
-    return Submitted(batch_ids, users, jobs, time.perf_counter() - start)
+    _post(client, f"/api/batches/{batch_id}/seal", 200)
+    return Submitted([batch_id], users, jobs, time.perf_counter() - start)
 
 
 def batch_status(client: httpx.Client, batch_id: str) -> dict:
