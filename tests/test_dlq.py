@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 
 import pika
@@ -44,8 +45,15 @@ def dead_jobs(
     get_settings.cache_clear()
 
 
-def _count(channel: pika.channel.Channel, queue: str) -> int:
-    return int(channel.queue_declare(queue, passive=True).method.message_count)
+def _count(channel: pika.channel.Channel, queue: str, want: int) -> int:
+    """The queue's message count once it reaches ``want`` (or after 10 s): a quorum queue
+    applies returned messages through its log, a moment after the client settled them."""
+    deadline = time.monotonic() + 10
+    while True:
+        count = int(channel.queue_declare(queue, passive=True).method.message_count)
+        if count == want or time.monotonic() > deadline:
+            return count
+        time.sleep(0.05)
 
 
 def test_list_replay_purge_by_batch_and_job(
@@ -56,15 +64,16 @@ def test_list_replay_purge_by_batch_and_job(
     assert listed.exit_code == 0, listed.output
     assert "batchA-0" in listed.output and "batchA-1" in listed.output
     assert "batchB-0" not in listed.output
-    assert _count(dead_jobs, settings.dead_letter_queue) == 4  # listing changes nothing
+    assert _count(dead_jobs, settings.dead_letter_queue, 4) == 4  # listing changes nothing
 
     replayed = runner.invoke(cli, ["dlq", "replay", "--job", "batchA-1"])
     assert replayed.exit_code == 0 and "replayed 1 jobs" in replayed.output
     method, props, _ = dead_jobs.basic_get(settings.jobs_queue, auto_ack=True)
     assert method is not None and props.message_id == "batchA-1"
-    assert _count(dead_jobs, settings.dead_letter_queue) == 3
+    assert _count(dead_jobs, settings.dead_letter_queue, 3) == 3
 
     purged = runner.invoke(cli, ["dlq", "purge", "--batch", "batchB", "--yes"])
     assert purged.exit_code == 0 and "dropped 2 jobs" in purged.output
+    assert _count(dead_jobs, settings.dead_letter_queue, 1) == 1
     remaining = runner.invoke(cli, ["dlq", "list"])
     assert "batchA-0" in remaining.output and "batchB" not in remaining.output
