@@ -12,6 +12,10 @@ from shared.generations import LIVE, GenerationKeys
 from shared.store import Keys, decode_result
 
 
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
 @dataclass
 class GenerationCache:
     """The newest ``depth`` active generations, re-read at most every ``refresh_s``.
@@ -36,7 +40,7 @@ class GenerationCache:
         now = time.monotonic()
         if now - self._read_at >= self.refresh_s:
             names = await self.redis.zrevrange(self.keys.history, 0, self.depth - 1)
-            self._active = [n.decode() for n in names] + [LIVE]
+            self._active = [_text(n) for n in names] + [LIVE]
             self._read_at = now
         return self._active
 
@@ -56,7 +60,7 @@ class ResultReader:
         version = self.model_versions.get(tag)
         if version is None:
             raw = await self.redis.hget(self.keys.models, str(tag))
-            version = raw.decode() if raw else f"unknown-{tag:08x}"
+            version = _text(raw) if raw else f"unknown-{tag:08x}"
             if raw:
                 self.model_versions[tag] = version
         return version

@@ -6,6 +6,7 @@ import json
 import statistics
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -69,7 +70,7 @@ def bench_fleet(
     """Submit users over HTTP to a local gateway and N workers; time until every result is in
     Redis. Uses its own queues and Redis prefix, deleted afterwards."""
     base = get_settings()
-    rows = []
+    rows: list[dict[str, Any]] = []
     for n in _counts(processes):
         runs = []
         for _ in range(repeats):

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import click
 import pika
@@ -69,7 +70,7 @@ def _channel(settings: Settings) -> Iterator[BlockingChannel]:
 
 def _take_all(channel: BlockingChannel, queue: str, limit: int) -> list[DeadJob]:
     """Fetch up to ``limit`` messages without acking them (they return if not settled)."""
-    jobs = []
+    jobs: list[DeadJob] = []
     while len(jobs) < limit:
         try:
             method, props, body = channel.basic_get(queue, auto_ack=False)
@@ -106,7 +107,7 @@ selection = [
 ]
 
 
-def _with_selection(fn):  # type: ignore[no-untyped-def]
+def _with_selection(fn: Any) -> Any:
     for option in reversed(selection):
         fn = option(fn)
     return fn

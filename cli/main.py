@@ -11,10 +11,10 @@ import httpx
 from cli.client import GatewayError, batch_status, console, submit, wait
 from shared.errors import ArtifactError
 from shared.logs import configure_logging
-from shared.settings import get_settings
+from shared.settings import Settings, get_settings
 
 
-def _settings():  # type: ignore[no-untyped-def]
+def _settings() -> Settings:
     try:
         return get_settings()
     except ValueError as exc:  # pydantic's ValidationError is a ValueError

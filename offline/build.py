@@ -20,6 +20,7 @@ from safetensors.numpy import save_file
 
 from offline.bpr import BPRConfig, TrainingData, check_triplets, train_bpr
 from offline.evaluate import (
+    Scorer,
     candidate_recall,
     evaluation_users,
     expected_ranks,
@@ -53,7 +54,7 @@ def _load_feedback(path: Path | None, n_users: int, n_playlists: int) -> np.ndar
     return triplets.astype(np.int64)
 
 
-def _bpr_scorer(user_emb: np.ndarray, playlist_emb: np.ndarray):  # type: ignore[no-untyped-def]
+def _bpr_scorer(user_emb: np.ndarray, playlist_emb: np.ndarray) -> Scorer:
     return lambda users, cands: np.einsum("bd,bld->bl", user_emb[users], playlist_emb[cands])
 
 
@@ -159,7 +160,7 @@ def build_artifacts(
             },
             str(tmp / EMBEDDINGS),
         )
-        arrays = {
+        arrays: dict[str, np.ndarray] = {
             "candidates_indptr": indptr.astype(np.int64),
             "candidates_indices": indices.astype(np.int32),
             "user_ids": np.arange(n_users, dtype=np.int64),

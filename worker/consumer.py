@@ -19,13 +19,14 @@ import re
 import threading
 import time
 from collections.abc import Callable
+from typing import TypeVar
 
 import orjson
 import pika
 import pika.exceptions
 from pika.adapters.blocking_connection import BlockingChannel
 from pika.spec import Basic, BasicProperties
-from tenacity import Retrying, retry_if_exception_type, stop_any, wait_exponential
+from tenacity import Retrying, retry_if_exception_type, stop_when_event_set, wait_exponential
 
 from shared.errors import TransientError, UndecodableMessage
 from shared.messages import ID_PATTERN, decode_job
@@ -43,6 +44,7 @@ from worker.handler import JobHandler
 from worker.lanes import BATCH, URGENT, PriorityLane
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 QUEUE_SAMPLE_EVERY_S = 5.0
 _VALID_ID = re.compile(ID_PATTERN)
 
@@ -234,12 +236,12 @@ class Consumer:
         log.debug("job done: %d users, %d cold", summary.users, summary.cold, extra=extra)
         self._reply(channel.basic_ack, tag)
 
-    def _with_retries(self, fn: Callable[[], object], extra: dict[str, str]) -> object:
+    def _with_retries(self, fn: Callable[[], T], extra: dict[str, str]) -> T:
         """Retry transient failures with capped backoff until they pass or we are stopping."""
         retrying = Retrying(
             retry=retry_if_exception_type(TransientError),
             wait=wait_exponential(multiplier=0.2, max=10),
-            stop=stop_any(lambda _state: self._stopping.is_set()),
+            stop=stop_when_event_set(self._stopping),
             reraise=True,
             before_sleep=lambda state: log.warning(
                 "transient failure, retrying: %s",

@@ -110,7 +110,7 @@ async def _queue(body: BatchRequest, clients: Clients) -> BatchAccepted:
         ledger = clients.keys.batch(batch_id)
         # The ledger exists before the first job can finish, so no progress is lost.
         async with clients.redis.pipeline(transaction=True) as pipe:
-            pipe.hset(ledger, mapping=new_batch_fields(n_jobs, len(user_ids)))
+            pipe.hset(ledger, mapping=new_batch_fields(n_jobs, len(user_ids)))  # type: ignore[arg-type]
             pipe.expire(ledger, s.batch_ttl_s)
             await pipe.execute()
     else:
@@ -166,7 +166,7 @@ async def open_batch(clients: ClientsDep) -> BatchOpened:
     batch_id = new_id()
     ledger = clients.keys.batch(batch_id)
     async with clients.redis.pipeline(transaction=True) as pipe:
-        pipe.hset(ledger, mapping=new_batch_fields(0, 0, sealed=False))
+        pipe.hset(ledger, mapping=new_batch_fields(0, 0, sealed=False))  # type: ignore[arg-type]
         pipe.expire(ledger, clients.settings.batch_ttl_s)
         await pipe.execute()
     return BatchOpened(batch_id=batch_id)
