@@ -1,9 +1,7 @@
 """``recfleet feedback``: click-through rate, training triplets, and simulated users.
 
-``simulate`` plays users of a synthetic artifact directory against a running gateway:
-each fetches their list through ``POST /api/impressions`` (recording an impression),
-then likes a shown playlist the way the ground truth says they would (see
-``visit``). ``baseline`` writes a copy of an artifact directory that serves everyone
+``simulate`` plays users of a synthetic artifact directory against a running gateway
+(see ``cli.simulation``). ``baseline`` writes a copy of an artifact directory that serves everyone
 the popularity fallback, so the trained model and the fallback can be compared.
 """
 
@@ -11,12 +9,9 @@ from __future__ import annotations
 
 import json
 import shutil
-import uuid
 from collections import defaultdict
-from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import click
 import httpx
@@ -24,16 +19,12 @@ import numpy as np
 import psycopg
 
 from cli.db import database_url_option, resolve_database_url
-from shared.artifacts import MANIFEST, load_artifacts, read_manifest, write_manifest
+from cli.simulation import Arm, World, visit
+from shared.artifacts import load_artifacts, read_manifest, write_manifest
 from shared.errors import ArtifactError
 from shared.feedback import CtrRow, click_through, export_triplets, save_triplets, start_of_day
 from shared.settings import get_settings
 
-if TYPE_CHECKING:
-    from offline.synthetic import SyntheticTruth
-
-TRUTH_FILE = "synthetic_truth.npz"
-CURRENT = "CURRENT"  # in a model root, names the artifact directory serving new batches
 BASELINE_SUFFIX = "-popularity"
 
 
@@ -119,132 +110,6 @@ def export(since: datetime, out: Path, database_url: str | None) -> None:
     click.echo(f"wrote {len(triplets)} triplets of {users} users to {out}")
 
 
-@dataclass
-class World:
-    """The synthetic ground truth of an artifact directory, by external id."""
-
-    truth: SyntheticTruth
-    user_ids: np.ndarray
-    playlist_ids: np.ndarray
-    playlist_order: np.ndarray
-
-    @classmethod
-    def load(cls, artifacts: Path) -> World:
-        """The truth of an artifact directory, or of the one a model root's ``CURRENT``
-        names. Raises click.ClickException when there is no synthetic ground truth."""
-        from offline.synthetic import SyntheticTruth
-
-        if not (artifacts / MANIFEST).is_file() and (artifacts / CURRENT).is_file():
-            artifacts = artifacts / (artifacts / CURRENT).read_text().strip()
-        try:
-            truth = SyntheticTruth.load(artifacts / TRUTH_FILE)
-            user_ids = np.load(artifacts / "user_ids.npy", mmap_mode="r")
-            playlist_ids = np.load(artifacts / "playlist_ids.npy", mmap_mode="r")
-        except (OSError, KeyError, ValueError) as exc:
-            raise click.ClickException(
-                f"{artifacts}: no synthetic ground truth to simulate users with ({exc})"
-            ) from exc
-        return cls(truth, user_ids, playlist_ids, np.argsort(playlist_ids, kind="stable"))
-
-    def user_row(self, user_id: int) -> int | None:
-        row = int(np.searchsorted(self.user_ids, user_id))
-        return row if row < len(self.user_ids) and self.user_ids[row] == user_id else None
-
-    def playlist_rows(self, ids: list[int]) -> np.ndarray:
-        pos = np.searchsorted(self.playlist_ids, ids, sorter=self.playlist_order)
-        return self.playlist_order[np.minimum(pos, len(self.playlist_order) - 1)]
-
-
-@dataclass
-class Arm:
-    """What one model version's lists earned in the simulation."""
-
-    impressions: int = 0
-    likes: int = 0
-    expected_likes: float = 0.0
-    ranks: list[int] = field(default_factory=list)
-
-    def summary(self) -> dict:
-        n = self.impressions
-        return {
-            "impressions": n,
-            "likes": self.likes,
-            "ctr": self.likes / n if n else 0.0,
-            "expected_ctr": self.expected_likes / n if n else 0.0,
-            "mean_liked_rank": float(np.mean(self.ranks)) if self.ranks else None,
-        }
-
-
-def like_probabilities(world: World, user_row: int, playlists: list[int], draws: int) -> np.ndarray:
-    """Probability that the user likes each shown playlist on this visit.
-
-    The user's next ``draws`` listens come from their true taste (``preference``: the
-    probability that their next draw is a given playlist); the visit is a like when one
-    of them is on the list, and the liked playlist is the first such listen.
-    """
-    from offline.synthetic import preference
-
-    p = preference(world.truth, np.array(user_row), world.playlist_rows(playlists))
-    shown = min(float(p.sum()), 1.0)
-    p_any = 1.0 - (1.0 - shown) ** draws
-    return p * (p_any / shown) if shown > 0 else p
-
-
-def post_like(client: httpx.Client, body: dict) -> dict:
-    """Post a like, retrying transport errors with the same like id (recorded once)."""
-    for attempt in range(3):
-        try:
-            resp = client.post("/api/feedback", json=body)
-        except httpx.TransportError:
-            if attempt == 2:
-                raise
-            continue
-        if resp.status_code not in (200, 201):
-            raise click.ClickException(f"like refused: {resp.status_code} {resp.text[:300]}")
-        return dict(resp.json())
-    raise AssertionError("unreachable")
-
-
-def visit(
-    client: httpx.Client,
-    world: World,
-    user_id: int,
-    rng: np.random.Generator,
-    draws: int,
-    arms: dict[str, Arm],
-) -> bool:
-    """One simulated visit: fetch the list (an impression), maybe like one. False when the
-    user has no result yet."""
-    resp = client.post("/api/impressions", json={"user_id": user_id})
-    if resp.status_code == 404:
-        return False
-    if resp.status_code != 201:
-        raise click.ClickException(f"impression failed: {resp.status_code} {resp.text[:300]}")
-    shown = resp.json()
-    arm = arms[shown["model_version"]]
-    arm.impressions += 1
-    row = world.user_row(user_id)
-    if row is None or not shown["playlists"]:
-        return True
-    p = like_probabilities(world, row, shown["playlists"], draws)
-    arm.expected_likes += float(p.sum())
-    if rng.random() >= p.sum():
-        return True
-    pick = int(rng.choice(len(p), p=p / p.sum()))
-    like = post_like(
-        client,
-        {
-            "like_id": str(uuid.uuid4()),
-            "impression_id": shown["impression_id"],
-            "user_id": user_id,
-            "playlist_id": shown["playlists"][pick],
-        },
-    )
-    arm.likes += 1
-    arm.ranks.append(int(like["rank"]))
-    return True
-
-
 @feedback.command("simulate")
 @click.option("--users", type=click.IntRange(1), required=True, help="users to simulate")
 @click.option("--api-url", default=None, help="gateway URL (default from settings)")
@@ -327,6 +192,7 @@ def baseline(source: Path, out: Path) -> None:
         model_version=version,
         metrics={},
         params={
+            **manifest.get("params", {}),
             "baseline": "popularity fallback",
             "source_model_version": manifest["model_version"],
         },

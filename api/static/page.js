@@ -152,7 +152,7 @@
     } else if (reply.status === 503) {
       say(
         "error",
-        `Playlists can't be shown right now because feedback can't be saved (${reason}). ` +
+        `Playlists can't be shown right now because feedback can't be saved: ${reason}. ` +
           "Please try again in a minute.",
       );
     } else {
@@ -184,7 +184,7 @@
       button.innerHTML = '<span class="heart" aria-hidden="true">&#9829;</span> <span>Liked</span>';
       say("success", `You liked playlist ${playlistId} (rank ${rank}). Thank you!`);
     } else if (reply.status === 503) {
-      say("error", `Your like was not saved (${reason}). Press Like to retry.`);
+      say("error", `Your like was not saved: ${reason}. Press Like to retry.`);
     } else {
       say("error", `Your like was refused (HTTP ${reply.status}${reason ? `: ${reason}` : ""}).`);
     }
