@@ -17,9 +17,7 @@ import socket
 import subprocess
 import time
 import uuid
-import warnings
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -206,19 +204,6 @@ def _exercise_the_gateway(client: httpx.Client) -> None:
     assert client.post("/api/feedback", json=like).status_code == 201
 
 
-@contextmanager
-def _started(fleet: LocalFleet) -> Iterator[LocalFleet]:
-    # LocalFleet hands each child its log file and drops the parent's file object
-    # unclosed; that ResourceWarning is not this module's concern.
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ResourceWarning)
-        fleet.__enter__()
-    try:
-        yield fleet
-    finally:
-        fleet.__exit__(None, None, None)
-
-
 @pytest.fixture(scope="module")
 def observed(
     management_api: None,
@@ -233,7 +218,7 @@ def observed(
     log_dir = tmp_path_factory.mktemp("fleet-logs")
     prom = prometheus_server(_prometheus_config(settings, workers=2))
     try:
-        with _started(LocalFleet(settings, processes=2, log_dir=log_dir)) as fleet:
+        with LocalFleet(settings, processes=2, log_dir=log_dir) as fleet:
             fleet.wait_workers_consuming()
             # Rates need a sample from before the batches: a batch of 3 000 users takes
             # less than a scrape interval or two.
