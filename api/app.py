@@ -7,8 +7,11 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
 from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from api.broker import Publisher
 from api.db import Database
@@ -33,9 +36,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         publisher = Publisher(settings)
         redis = Redis.from_url(str(settings.redis_url))
-        await publisher.start()
         sync = SyncRequester(settings)
-        await sync.start(publisher.connection)
+        publisher.on_connect(sync.start)
+        # Returns even when the broker is down: /readyz says 503 until it connects.
+        await publisher.start()
         # Opens without waiting: the gateway serves recommendations while PostgreSQL is down.
         db = Database(settings)
         await db.open()
@@ -83,4 +87,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(feedback.router)
     app.include_router(page.router)
     app.mount("/static", page.static_files(), name="static")
+    app.add_exception_handler(RedisConnectionError, _redis_unavailable)
+    app.add_exception_handler(RedisTimeoutError, _redis_unavailable)
     return app
+
+
+async def _redis_unavailable(_request: Request, exc: Exception) -> JSONResponse:
+    """Redis down (or still loading its data after a restart) is an outage, not a bug:
+    503 with Retry-After, so clients come back instead of giving up on a 500."""
+    log.warning("Redis unavailable: %r", exc)
+    return JSONResponse(
+        {"detail": "Redis is unavailable; retry later"},
+        status_code=503,
+        headers={"Retry-After": "5"},
+    )

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 
 import aio_pika
 import aiormq
 from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection
+from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential
 
 from shared.messages import CONTENT_TYPE, Job
 from shared.settings import Settings
@@ -43,14 +45,52 @@ class Publisher:
         self._settings = settings
         self._connection: AbstractRobustConnection | None = None
         self._channel: AbstractRobustChannel | None = None
+        self._on_connect: list[Callable[[AbstractRobustConnection], Awaitable[None]]] = []
+        self._connecting: asyncio.Task[None] | None = None
+
+    def on_connect(self, callback: Callable[[AbstractRobustConnection], Awaitable[None]]) -> None:
+        """Run ``callback`` with the connection once it is first established."""
+        self._on_connect.append(callback)
 
     async def start(self) -> None:
-        """Connect and declare the topology. Raises ConnectionError-family errors if unreachable."""
+        """Connect and declare the topology, or keep trying in the background.
+
+        Never raises for an unreachable broker: the gateway must start, report not ready
+        and serve what it can, rather than crash-loop until the broker is back. Once
+        connected, aio-pika's robust connection reconnects by itself.
+        """
+        try:
+            await self._connect()
+        except CONNECT_ERRORS as exc:
+            log.warning("broker unreachable at start (%r); retrying in the background", exc)
+            self._connecting = asyncio.create_task(self._keep_connecting(), name="broker-connect")
+
+    async def _keep_connecting(self) -> None:
+        retrying = AsyncRetrying(
+            retry=retry_if_exception_type(CONNECT_ERRORS),
+            wait=wait_exponential(multiplier=0.5, max=10),
+            before_sleep=lambda state: log.warning(
+                "broker still unreachable: %r", state.outcome.exception() if state.outcome else ""
+            ),
+        )
+        async for attempt in retrying:
+            with attempt:
+                await self._connect()
+        log.info("connected to the broker")
+
+    async def _connect(self) -> None:
         s = self._settings
-        self._connection = await aio_pika.connect_robust(str(s.amqp_url), timeout=10)
-        channel = await self._connection.channel(publisher_confirms=True, on_return_raises=True)
-        self._channel = channel  # type: ignore[assignment]
-        await declare_topology(channel, s)
+        connection = await aio_pika.connect_robust(str(s.amqp_url), timeout=10)
+        try:
+            channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+            await declare_topology(channel, s)
+            for callback in self._on_connect:
+                await callback(connection)
+        except BaseException:
+            await connection.close()
+            raise
+        self._connection = connection
+        self._channel = channel
 
     @property
     def connection(self) -> AbstractRobustConnection:
@@ -60,6 +100,8 @@ class Publisher:
         return self._connection
 
     async def close(self) -> None:
+        if self._connecting is not None:
+            self._connecting.cancel()
         if self._connection is not None:
             await self._connection.close()
 
@@ -68,6 +110,7 @@ class Publisher:
         return bool(
             self._connection is not None
             and not self._connection.is_closed
+            and self._connection.connected.is_set()
             and self._channel is not None
             and not self._channel.is_closed
         )
@@ -129,11 +172,18 @@ async def declare_topology(channel: aio_pika.abc.AbstractChannel, settings: Sett
     )
 
 
+# What an unreachable (or not yet started) broker raises while connecting.
+CONNECT_ERRORS = (OSError, asyncio.TimeoutError, aiormq.exceptions.AMQPError)
+
+
 def _describe(exc: BaseException) -> str:
     if isinstance(exc, asyncio.TimeoutError | TimeoutError):
         return "the broker did not confirm in time"
+    if isinstance(exc, aio_pika.exceptions.PublishError):
+        return "the broker could not route the job (no jobs queue)"
     if isinstance(exc, aio_pika.exceptions.DeliveryError):
-        return "the broker refused the job (queue full or unroutable)"
+        # A nack: with reject-publish overflow, the jobs queue is at its max length.
+        return "the jobs queue is full"
     if isinstance(exc, aiormq.exceptions.AMQPError | ConnectionError):
         return "the broker is unreachable"
     return f"publish failed: {type(exc).__name__}"
