@@ -71,13 +71,14 @@ def ctr(since: datetime | None, as_json: bool, database_url: str | None) -> None
         )
         return
     click.echo(f"click-through rate since {start.date()} (share of impressions liked)\n")
+    width = max([len("model_version"), *(len(r.model_version) for r in totals)])
     header = f"{'impressions':>11} {'clicked':>8} {'likes':>8} {'ctr':>7}"
-    click.echo(f"{'model_version':<40} {header}")
+    click.echo(f"{'model_version':<{width}} {header}")
     for r in totals:
-        click.echo(f"{r.model_version:<40} {_figures(r)}")
-    click.echo(f"\n{'day':<10} {'model_version':<29} {header}")
+        click.echo(f"{r.model_version:<{width}} {_figures(r)}")
+    click.echo(f"\n{'day':<10} {'model_version':<{width}} {header}")
     for r in days:
-        click.echo(f"{r.day!s:<10} {r.model_version:<29} {_figures(r)}")
+        click.echo(f"{r.day!s:<10} {r.model_version:<{width}} {_figures(r)}")
     if not totals:
         click.echo("(no impressions yet)")
 
