@@ -468,7 +468,7 @@ class TcpProxy:
         self.port = port
         self.target = target
         self.server: asyncio.Server | None = None
-        self.transports: list[asyncio.BaseTransport] = []
+        self.transports: list[asyncio.WriteTransport] = []
 
     async def start(self) -> None:
         self.server = await asyncio.start_server(self._accept, "127.0.0.1", self.port)

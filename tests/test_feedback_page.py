@@ -37,6 +37,7 @@ CHROMIUM_ARGS = [
 ]
 SCREENSHOTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 PHONE = {"width": 390, "height": 844}
+SMALLEST = {"width": 320, "height": 640}
 DESKTOP = {"width": 1100, "height": 900}
 SUBMITTED = list(range(100))
 NOT_SUBMITTED = 5000  # a known user whose result was never computed
@@ -129,6 +130,9 @@ def test_keyboard_only_lookup_and_like_reach_postgresql(
         f"You liked playlist {served['playlists'][1]} (rank 2)"
     )
     assert fits_the_screen(page)
+    page.set_viewport_size(SMALLEST)  # type: ignore[arg-type]
+    assert fits_the_screen(page)
+    page.set_viewport_size(PHONE)  # type: ignore[arg-type]
     SCREENSHOTS.mkdir(exist_ok=True)
     page.screenshot(path=SCREENSHOTS / "feedback-page.png", full_page=True)
     page.set_viewport_size(DESKTOP)  # type: ignore[arg-type]
