@@ -49,7 +49,7 @@ class World:
         Raises click.ClickException when there is no synthetic ground truth, or the seed
         does not reproduce it.
         """
-        from offline.synthetic import SyntheticTruth, generate
+        from offline.synthetic import SyntheticConfig, SyntheticTruth, generate
 
         if not (artifacts / MANIFEST).is_file() and (artifacts / CURRENT).is_file():
             artifacts = artifacts / (artifacts / CURRENT).read_text().strip()
@@ -60,11 +60,12 @@ class World:
             playlist_ids = np.load(artifacts / "playlist_ids.npy", mmap_mode="r")
             shape = (int(params["n_users"]), int(params["n_playlists"]))
             seed = int(params["seed"])
+            config = SyntheticConfig(**params.get("synthetic", {}))
         except (OSError, KeyError, TypeError, ValueError, ArtifactError) as exc:
             raise click.ClickException(
                 f"{artifacts}: no synthetic ground truth to simulate users with ({exc})"
             ) from exc
-        interactions, regenerated = generate(*shape, seed)
+        interactions, regenerated = generate(*shape, seed, config)
         if not np.array_equal(regenerated.playlist_cluster, truth.playlist_cluster):
             raise click.ClickException(f"{artifacts}: seed {seed} does not reproduce its truth")
         indptr = np.searchsorted(interactions.users, np.arange(shape[0] + 1))
