@@ -98,7 +98,12 @@ def run_fleet(settings: Settings, processes: int) -> int:
                 # Back off if a process keeps dying (e.g. a job that crashes it).
                 wait = 1.0 if time.monotonic() - restarts.get(i, 0) > 30 else 5.0
                 log.error("worker %d exited with %s; restarting in %.0fs", i, proc.exitcode, wait)
-                time.sleep(wait)
+                # A SIGTERM during the back-off must not start a child nobody will stop.
+                deadline = time.monotonic() + wait
+                while not stopping and time.monotonic() < deadline:
+                    time.sleep(0.1)
+                if stopping:
+                    continue
                 restarts[i] = time.monotonic()
                 start(i)
     return 0
