@@ -6,8 +6,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -26,7 +24,7 @@ from psycopg import sql
 from pydantic import PostgresDsn
 
 from api.app import create_app
-from cli.fleet import LocalFleet, settings_env
+from cli.fleet import LocalFleet
 from cli.main import cli
 from shared.generations import GenerationKeys, bucket_mappings
 from shared.migrate import MIGRATIONS_DIR, MigrationError, upgrade
@@ -408,7 +406,7 @@ def test_simulated_users_like_the_trained_model_more_than_the_fallback(
     users = list(range(int(read_manifest(fleet_settings.artifacts)["n_users"])))
     simulate = ["feedback", "simulate", "--users", "1000", "--seed", "3", "--json"]
     reports = []
-    with Fleet(settings, processes=1, log_dir=tmp_path / "logs") as fleet:
+    with LocalFleet(settings, processes=1, log_dir=tmp_path / "logs") as fleet:
         fleet.wait_workers_consuming()
         simulate += ["--artifacts", str(root), "--api-url", fleet.base_url]
         with httpx.Client(base_url=fleet.base_url, timeout=60) as http:
@@ -432,21 +430,6 @@ def test_simulated_users_like_the_trained_model_more_than_the_fallback(
     assert ctr[trained_version]["likes"] == trained["likes"]
     assert ctr[baseline_version]["likes"] == baseline["likes"]
     assert ctr[trained_version]["ctr"] > ctr[baseline_version]["ctr"]
-
-
-class Fleet(LocalFleet):
-    """LocalFleet that closes its copy of each child's log file once the child has it
-    (the child keeps its own descriptor), so no file object is left for the GC."""
-
-    def _spawn(self, name: str, args: list[str]) -> subprocess.Popen[bytes]:
-        self.log_dir.mkdir(parents=True, exist_ok=True)
-        with (self.log_dir / f"{name}.log").open("ab") as log:
-            return subprocess.Popen(
-                [sys.executable, "-m", "cli.main", *args],
-                env=settings_env(self.settings),
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
 
 
 def wait_for_model(http: httpx.Client, user_id: int, version: str, timeout: float = 10) -> None:

@@ -22,7 +22,6 @@ from cli.fleet import LocalFleet, settings_env
 from shared.artifacts import read_manifest
 from shared.settings import Settings
 from tests.conftest import free_port, make_settings, purge
-from tests.test_feedback import Fleet
 
 pytestmark = pytest.mark.e2e
 
@@ -54,7 +53,7 @@ def fleet(
     """A gateway and a worker that have ranked SUBMITTED and COLD_USER."""
     settings = make_settings(small_artifacts, database_url=database_url)
     try:
-        with Fleet(settings, processes=1, log_dir=tmp_path_factory.mktemp("fleet")) as fl:
+        with LocalFleet(settings, processes=1, log_dir=tmp_path_factory.mktemp("fleet")) as fl:
             fl.wait_workers_consuming()
             with httpx.Client(base_url=fl.base_url, timeout=60) as client:
                 sub = submit(client, [*SUBMITTED, COLD_USER], chunk=1000)
