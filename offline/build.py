@@ -1,86 +1,222 @@
-"""``recfleet artifacts build``: synthetic data → user pairing → BPR → a checked artifact dir.
+"""``recfleet artifacts build``: synthetic data → user pairing → BPR → artifact directory.
 
-The directory is written next to ``out`` under a temporary name and renamed into place
-at the end, so a half-built directory is never seen by a worker.
+The directory is written to a temporary sibling of ``out``, checked with
+``shared.artifacts.load_artifacts``, and only then renamed into place, so a half-built
+directory is never seen under ``out``. Everything is deterministic for a seed (on one
+machine; BLAS may round differently elsewhere) except ``created_at`` and the timings.
+
+User and playlist ids are identity ranges (row ``i`` is id ``i``), so feedback triplets
+name rows directly. The training split holds out one interaction per user for the
+metrics; the artifacts are trained on the rest (the held-out ones are not candidates'
+"seen" playlists, so they stay reachable).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
+import os
 import shutil
+import tempfile
 import time
+from collections.abc import Iterator
+from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from safetensors.numpy import save_file
 
+from offline import evaluate
 from offline.bpr import BPRConfig, TrainingData, check_triplets, train_bpr
-from offline.evaluate import (
-    Scorer,
-    candidate_recall,
-    evaluation_users,
-    expected_ranks,
-    rank_metrics,
-    split_holdout,
+from offline.pairing import PairingConfig, pair_users, popularity_rank
+from offline.synthetic import SyntheticConfig, generate
+from shared.artifacts import (
+    EMBEDDINGS,
+    MANIFEST,
+    NPY_FILES,
+    load_artifacts,
+    sha256_file,
+    write_manifest,
 )
-from offline.pairing import build_candidates, nearest_neighbours, popularity_rank, user_embeddings
-from offline.synthetic import generate
-from shared.artifacts import EMBEDDINGS, NPY_FILES, load_artifacts, write_manifest
 
 logger = logging.getLogger("offline")
 
-N_NEIGHBOURS = 30
-PAIRING_RANK = 64
-N_FALLBACK = 100
-EVAL_USERS = 20_000
 TRUTH_FILE = "synthetic_truth.npz"
+N_FALLBACK = 100
+MAX_EVAL_USERS = 100_000
 
 
-def _model_version(params: dict[str, Any]) -> str:
-    digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:8]
-    return f"bpr-{datetime.now(UTC):%Y%m%d}-{digest}"
+@contextlib.contextmanager
+def _torch_threads(n: int) -> Iterator[None]:
+    """Run a block with ``n`` torch threads, then restore the caller's setting."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
-def _load_feedback(path: Path | None, n_users: int, n_playlists: int) -> np.ndarray:
-    """Training triplets exported from feedback, or none. Raises ValueError if malformed."""
+class _Stopwatch:
+    """Seconds per stage, logged as each stage ends."""
+
+    def __init__(self) -> None:
+        self.timings: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        yield
+        self.add(name, time.perf_counter() - start)
+
+    def add(self, name: str, seconds: float) -> None:
+        self.timings[name] = round(seconds, 3)
+        logger.info("stage %s: %.2fs", name, seconds)
+
+
+def load_feedback(path: Path | None, n_users: int, n_playlists: int) -> np.ndarray:
+    """Training triplets from a .npy file (int [n, 3]: user, liked, shown but ignored).
+
+    Raises ValueError naming the file if it is unreadable, mis-shaped or out of range.
+    """
     if path is None:
         return np.zeros((0, 3), dtype=np.int64)
-    triplets = np.load(path, allow_pickle=False)
-    check_triplets(triplets, n_users, n_playlists)
-    return triplets.astype(np.int64)
+    try:
+        triplets = np.load(path, allow_pickle=False)
+        check_triplets(triplets, n_users, n_playlists)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{path}: not usable feedback triplets ({exc})") from exc
+    logger.info("feedback: %d triplets from %s", len(triplets), path)
+    return np.ascontiguousarray(triplets, dtype=np.int64)
 
 
-def _bpr_scorer(user_emb: np.ndarray, playlist_emb: np.ndarray) -> Scorer:
-    return lambda users, cands: np.einsum("bd,bld->bl", user_emb[users], playlist_emb[cands])
+def _model_version(params: dict[str, Any], created: datetime) -> str:
+    digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:10]
+    return f"bpr-{created:%Y%m%d}-{digest}"
 
 
-def _evaluate(
-    split_heldout: np.ndarray,
-    indptr: np.ndarray,
-    indices: np.ndarray,
-    user_emb: np.ndarray,
-    playlist_emb: np.ndarray,
-    popularity: np.ndarray,
+def _write_arrays(
+    tmp: Path, user_emb: np.ndarray, playlist_emb: np.ndarray, arrays: dict[str, np.ndarray]
+) -> None:
+    save_file(
+        {
+            "user": np.ascontiguousarray(user_emb, dtype=np.float32),
+            "playlist": np.ascontiguousarray(playlist_emb, dtype=np.float32),
+        },
+        str(tmp / EMBEDDINGS),
+    )
+    for key, name in NPY_FILES.items():
+        np.save(tmp / name, arrays[key], allow_pickle=False)
+
+
+def _build_into(
+    tmp: Path,
+    n_users: int,
+    n_playlists: int,
     seed: int,
+    dim: int,
+    epochs: int | None,
+    triplets: np.ndarray,
+    feedback_sha: str | None,
 ) -> dict[str, Any]:
-    users = evaluation_users(split_heldout, EVAL_USERS, seed)
-    pop = popularity.astype(np.float64)
-    return {
-        "bpr": rank_metrics(
-            expected_ranks(
-                _bpr_scorer(user_emb, playlist_emb), indptr, indices, users, split_heldout
-            )
-        ),
-        "popularity": rank_metrics(
-            expected_ranks(lambda _u, c: pop[c], indptr, indices, users, split_heldout)
-        ),
-        "candidate_recall": candidate_recall(indptr, indices, users, split_heldout),
-        "evaluated_users": len(users),
+    """Every stage, writing into ``tmp``; returns the manifest (without checksums)."""
+    clock = _Stopwatch()
+    synth_cfg, pair_cfg = SyntheticConfig(), PairingConfig()
+    bpr_cfg = BPRConfig(dim=dim, epochs=epochs)
+    threads = max(1, min(os.cpu_count() or 1, 8))
+    with clock.stage("synthetic"):
+        interactions, truth = generate(n_users, n_playlists, seed, synth_cfg)
+        split = evaluate.split_holdout(
+            interactions.users,
+            interactions.playlists,
+            (n_users, n_playlists),
+            np.random.default_rng([seed, 1]),
+        )
+        popularity = np.bincount(split.train.indices, minlength=n_playlists).astype(np.int64)
+    with _torch_threads(threads):
+        indptr, indices, pair_timings = pair_users(split.train, popularity, seed, pair_cfg, threads)
+    for name, seconds in pair_timings.items():
+        clock.add(name, seconds)
+    with clock.stage("bpr"), _torch_threads(1):
+        coo = split.train.tocoo()
+        data = TrainingData(
+            users=coo.row.astype(np.int32),
+            playlists=coo.col.astype(np.int32),
+            n_users=n_users,
+            n_playlists=n_playlists,
+            cand_indptr=indptr,
+            cand_indices=indices,
+            triplets=triplets,
+        )
+        user_emb, playlist_emb, train_stats = train_bpr(data, bpr_cfg, seed)
+    with clock.stage("evaluate"), _torch_threads(threads):
+        scorers = {
+            "bpr": evaluate.bpr_scorer(user_emb, playlist_emb),
+            "popularity": evaluate.popularity_scorer(popularity),
+            "oracle": evaluate.truth_scorer(truth),
+        }
+        metrics = evaluate.evaluate_models(
+            scorers, indptr, indices, split.heldout, max_users=MAX_EVAL_USERS, seed=seed
+        )
+    logger.info("metrics: %s", json.dumps(metrics))
+    with clock.stage("write"):
+        ids = {
+            "user_ids": np.arange(n_users, dtype=np.int64),
+            "playlist_ids": np.arange(n_playlists, dtype=np.int64),
+        }
+        arrays = {
+            "candidates_indptr": indptr.astype(np.int64),
+            "candidates_indices": indices.astype(np.int32),
+            "playlist_popularity": popularity,
+            "fallback": popularity_rank(popularity)[:N_FALLBACK].astype(np.int32),
+            **ids,
+        }
+        _write_arrays(tmp, user_emb, playlist_emb, arrays)
+        truth.save(tmp / TRUTH_FILE)
+    params = {
+        "seed": seed,
+        "n_users": n_users,
+        "n_playlists": n_playlists,
+        "synthetic": asdict(synth_cfg),
+        "pairing": asdict(pair_cfg),
+        "bpr": asdict(bpr_cfg),
+        "feedback": {"triplets": len(triplets), "sha256": feedback_sha},
     }
+    created = datetime.now(UTC)
+    return {
+        "model_version": _model_version(params, created),
+        "created_at": created.isoformat(timespec="seconds"),
+        "n_users": n_users,
+        "n_playlists": n_playlists,
+        "dim": dim,
+        "n_interactions": int(len(interactions.users)),
+        "params": params,
+        "training": train_stats,
+        "metrics": metrics,
+        "timings": clock.timings,
+        "extra_files": {TRUTH_FILE: {"sha256": sha256_file(tmp / TRUTH_FILE)}},
+    }
+
+
+def _move_into_place(tmp: Path, out: Path) -> None:
+    """Rename ``tmp`` to ``out``, replacing an earlier artifact directory there.
+
+    Raises FileExistsError if ``out`` exists and is not an (empty or) artifact directory.
+    """
+    if not out.exists():
+        tmp.rename(out)
+        return
+    if not out.is_dir() or (any(out.iterdir()) and not (out / MANIFEST).is_file()):
+        raise FileExistsError(f"{out} exists and is not an artifact directory; not replacing it")
+    old = out.with_name(f".{out.name}.old-{os.getpid()}")
+    out.rename(old)
+    tmp.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def build_artifacts(
@@ -93,105 +229,32 @@ def build_artifacts(
     epochs: int | None = None,
     feedback: Path | None = None,
 ) -> dict[str, Any]:
-    """Build a complete artifact directory at ``out`` and return its manifest.
+    """Build a complete, verified artifact directory at ``out`` and return its manifest.
 
-    Deterministic for a seed (but for ``created_at`` and the date in the model version).
-    Raises ValueError for impossible sizes or malformed feedback triplets.
+    Raises ValueError for sizes below 2 users / 2 playlists / dim 1 or unusable feedback,
+    FileExistsError if ``out`` is something other than an artifact directory, and
+    ArtifactError if the written directory fails ``load_artifacts`` (nothing is moved then).
     """
+    if n_users < 2 or n_playlists < 2 or dim < 1:
+        raise ValueError(
+            f"need ≥2 users, ≥2 playlists, dim ≥1; got {n_users}, {n_playlists}, {dim}"
+        )
     out = Path(out)
-    timings: dict[str, float] = {}
-    clock = time.perf_counter()
-
-    def lap(stage: str) -> None:
-        nonlocal clock
-        now = time.perf_counter()
-        timings[stage] = round(now - clock, 2)
-        logger.info("%s: %.1fs", stage, now - clock)
-        clock = now
-
-    interactions, truth = generate(n_users, n_playlists, seed)
-    split = split_holdout(
-        interactions.users,
-        interactions.playlists,
-        (n_users, n_playlists),
-        np.random.default_rng(seed + 1),
-    )
-    popularity = np.bincount(split.train.indices, minlength=n_playlists).astype(np.int64)
-    lap("synthetic")
-
-    emb = user_embeddings(split.train, PAIRING_RANK, seed)
-    neighbours = nearest_neighbours(emb, N_NEIGHBOURS, seed)
-    indptr, indices = build_candidates(split.train, neighbours, popularity)
-    lap("pairing")
-
-    train = split.train.tocoo()
-    data = TrainingData(
-        users=train.row.astype(np.int64),
-        playlists=train.col.astype(np.int64),
-        n_users=n_users,
-        n_playlists=n_playlists,
-        cand_indptr=indptr.astype(np.int64),
-        cand_indices=indices.astype(np.int32),
-        triplets=_load_feedback(feedback, n_users, n_playlists),
-    )
-    user_emb, playlist_emb, stats = train_bpr(data, BPRConfig(dim=dim, epochs=epochs), seed)
-    lap("bpr")
-
-    metrics = _evaluate(split.heldout, indptr, indices, user_emb, playlist_emb, popularity, seed)
-    lap("evaluate")
-
-    params = {
-        "n_users": n_users,
-        "n_playlists": n_playlists,
-        "seed": seed,
-        "dim": dim,
-        "epochs": stats["epochs"],
-        "neighbours": N_NEIGHBOURS,
-        "pairing_rank": PAIRING_RANK,
-        "feedback_triplets": len(data.triplets),
-    }
-    tmp = out.parent / f".{out.name}.building-{time.time_ns()}"
-    tmp.mkdir(parents=True)
+    triplets = load_feedback(feedback, n_users, n_playlists)
+    feedback_sha = sha256_file(feedback) if feedback is not None else None
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.building-", dir=out.parent))
     try:
-        save_file(
-            {
-                "user": np.ascontiguousarray(user_emb, dtype=np.float32),
-                "playlist": np.ascontiguousarray(playlist_emb, dtype=np.float32),
-            },
-            str(tmp / EMBEDDINGS),
-        )
-        arrays: dict[str, np.ndarray] = {
-            "candidates_indptr": indptr.astype(np.int64),
-            "candidates_indices": indices.astype(np.int32),
-            "user_ids": np.arange(n_users, dtype=np.int64),
-            "playlist_ids": np.arange(n_playlists, dtype=np.int64),
-            "playlist_popularity": popularity,
-            "fallback": popularity_rank(popularity)[:N_FALLBACK].astype(np.int32),
-        }
-        for key, fname in NPY_FILES.items():
-            np.save(tmp / fname, arrays[key], allow_pickle=False)
-        truth.save(tmp / TRUTH_FILE)
-        lap("write")
-        manifest = write_manifest(
-            tmp,
-            {
-                "model_version": _model_version(params),
-                "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
-                "n_users": n_users,
-                "n_playlists": n_playlists,
-                "dim": dim,
-                "params": params,
-                "training": stats,
-                "metrics": metrics,
-                "timings_s": timings,
-            },
-        )
-        load_artifacts(tmp)  # refuse to publish anything the workers would refuse
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
+        start = time.perf_counter()
+        manifest = _build_into(tmp, n_users, n_playlists, seed, dim, epochs, triplets, feedback_sha)
+        manifest["timings"]["total"] = round(time.perf_counter() - start, 3)
+        manifest = write_manifest(tmp, manifest)
+        load_artifacts(tmp)
+        _move_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    logger.info("artifacts %s: %s", manifest["model_version"], json.dumps(metrics))
+    logger.info(
+        "built %s in %.1fs: %s", out, manifest["timings"]["total"], manifest["model_version"]
+    )
     return manifest
