@@ -7,20 +7,22 @@ from pathlib import Path
 
 import click
 import httpx
+import psycopg
 from rich.table import Table
 
 from cli.client import GatewayError, console, submit, wait
 from cli.fleet import FleetError, LocalFleet
-from shared.artifacts import read_manifest
+from shared.artifacts import current_dir, read_manifest
 from shared.errors import ArtifactError
 from shared.logs import configure_logging
+from shared.migrate import MigrationError, upgrade
 from shared.settings import get_settings
 
 
 def ensure_artifacts(path: Path, users: int, playlists: int) -> dict:
     """Reuse a valid artifact directory, or build one."""
     try:
-        return read_manifest(path)
+        return read_manifest(current_dir(path))
     except ArtifactError:
         pass
     from offline.build import build_artifacts
@@ -48,6 +50,11 @@ def demo(users: int, playlists: int, processes: int, logs: Path) -> None:
     s = get_settings()
     configure_logging("WARNING")
     manifest = ensure_artifacts(s.artifacts, users, playlists)
+    try:
+        applied = upgrade(str(s.database_url))
+        console.print(f"feedback database ready ({len(applied)} migrations applied)")
+    except (MigrationError, psycopg.Error) as exc:
+        console.print(f"[yellow]feedback database unavailable ({exc}); the page at / will say so")
     metrics = manifest.get("metrics", {})
     if metrics:
         console.print(f"model {manifest['model_version']}: held-out metrics {metrics}")

@@ -100,10 +100,10 @@ def artifacts_build(
 @click.argument("path", type=click.Path(path_type=Path))
 def artifacts_check(path: Path) -> None:
     """Verify an artifact directory: files, checksums, shapes and format version."""
-    from shared.artifacts import load_artifacts
+    from shared.artifacts import current_dir, load_artifacts
 
     try:
-        art = load_artifacts(path)
+        art = load_artifacts(current_dir(path))
     except ArtifactError as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo(
@@ -147,10 +147,10 @@ def submit_cmd(
     if bool(users_file) == all_users:
         raise click.UsageError("give either USERS_FILE or --all")
     if all_users:
-        from shared.artifacts import read_manifest
+        from shared.artifacts import current_dir, read_manifest
 
         try:
-            ids = list(range(int(read_manifest(s.artifacts)["n_users"])))
+            ids = list(range(int(read_manifest(current_dir(s.artifacts))["n_users"])))
         except ArtifactError as exc:
             raise click.ClickException(str(exc)) from exc
     else:

@@ -30,6 +30,8 @@ from shared.errors import ArtifactError
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+# In a directory of artifact directories: the name of the one in use.
+CURRENT = "CURRENT"
 EMBEDDINGS = "embeddings.safetensors"
 NPY_FILES: dict[str, str] = {
     "candidates_indptr": "candidates_indptr.npy",
@@ -276,3 +278,16 @@ def write_manifest(path: Path, manifest: dict[str, Any]) -> dict[str, Any]:
     }
     (path / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     return manifest
+
+
+def current_dir(root: Path) -> Path:
+    """The artifact directory to use now. Raises ArtifactError when there is none."""
+    if (root / MANIFEST).is_file():
+        return root
+    pointer = root / CURRENT
+    if not pointer.is_file():
+        raise ArtifactError(f"{root} has neither {MANIFEST} nor a {CURRENT} file")
+    name = pointer.read_text().strip()
+    if not name or "/" in name or name.startswith("."):
+        raise ArtifactError(f"{pointer}: {name!r} is not a directory name")
+    return root / name

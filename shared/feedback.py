@@ -4,7 +4,7 @@ The page at ``/`` and every other client post the same ``LikeRequest`` to
 ``POST /api/feedback``. Click-through rate and training triplets are computed here with
 a plain (sync) psycopg connection, for the CLI; the gateway runs the same SQL async.
 
-Tables (``migrations/0001_feedback.sql``)::
+Tables (``shared/migrations/0001_feedback.sql``)::
 
     impressions  impression_id, user_id, playlists bigint[] (best first), generation,
                  model_version, cold, shown_at

@@ -1,6 +1,6 @@
 """Versioned SQL migrations for the feedback database, applied by ``recfleet db upgrade``.
 
-Migrations are plain SQL files named ``NNNN_name.sql`` in the ``migrations`` directory,
+Migrations are plain SQL files named ``NNNN_name.sql`` in ``shared/migrations`` (package data),
 applied in version order. Each applied version is recorded in ``schema_migrations`` with
 the file's checksum. One upgrade runs in a single transaction holding an advisory lock, so
 two upgrades started at once apply each migration once, and a failing migration leaves
@@ -18,7 +18,7 @@ import psycopg
 
 from shared.errors import RecfleetError
 
-MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
+MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 FILENAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
 # Any fixed 64-bit key; it only has to be the same for every upgrade of recfleet's schema.
 LOCK_KEY = int.from_bytes(b"recfleet", "big")

@@ -15,13 +15,13 @@ import pytest
 import redis
 
 from api.app import create_app
-from shared.artifacts import load_artifacts
+from shared.artifacts import CURRENT, load_artifacts
 from shared.messages import make_jobs
 from shared.settings import Settings
 from shared.store import Keys, new_batch_fields
 from worker.consumer import Consumer, declare_topology
 from worker.handler import JobHandler
-from worker.models import CURRENT, ModelStore
+from worker.models import ModelStore
 from worker.ranking import Ranker
 
 

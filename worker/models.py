@@ -17,7 +17,13 @@ from pathlib import Path
 
 import numpy as np
 
-from shared.artifacts import MANIFEST, Artifacts, load_artifacts, read_manifest
+from shared.artifacts import (
+    MANIFEST,
+    Artifacts,
+    current_dir,
+    load_artifacts,
+    read_manifest,
+)
 from shared.drift import POPULARITY_EDGES
 from shared.errors import ArtifactError, TransientError
 from shared.store import model_tag
@@ -25,7 +31,6 @@ from worker import metrics
 from worker.ranking import Ranker
 
 log = logging.getLogger(__name__)
-CURRENT = "CURRENT"
 
 
 @dataclass(frozen=True)
@@ -43,19 +48,6 @@ def popularity_buckets(popularity: np.ndarray) -> np.ndarray:
     rank = np.empty(len(order), dtype=np.int64)
     rank[order] = np.arange(len(order))
     return np.searchsorted(np.array(POPULARITY_EDGES), rank, side="right").astype(np.int8)
-
-
-def current_dir(root: Path) -> Path:
-    """The artifact directory to use now. Raises ArtifactError when there is none."""
-    if (root / MANIFEST).is_file():
-        return root
-    pointer = root / CURRENT
-    if not pointer.is_file():
-        raise ArtifactError(f"{root} has neither {MANIFEST} nor a {CURRENT} file")
-    name = pointer.read_text().strip()
-    if not name or "/" in name or name.startswith("."):
-        raise ArtifactError(f"{pointer}: {name!r} is not a directory name")
-    return root / name
 
 
 class ModelStore:
