@@ -14,6 +14,7 @@ Retries live here and only here:
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
 import re
 import threading
@@ -47,6 +48,9 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 QUEUE_SAMPLE_EVERY_S = 5.0
 _VALID_ID = re.compile(ID_PATTERN)
+# Orders returned jobs by delivery count, then latest arrival first (see _job_priority);
+# every such priority stays below the lane's shutdown marker.
+_SUSPECT_SPAN = 1 << 20
 
 
 class Consumer:
@@ -58,6 +62,7 @@ class Consumer:
         self.sample_queues = sample_queues
         self._stopping = threading.Event()
         self._lane = PriorityLane()
+        self._arrivals = itertools.count()
         self._connection: pika.BlockingConnection | None = None
         self._last_tick = 0.0
         self._consuming = False
@@ -147,9 +152,30 @@ class Consumer:
     ) -> None:
         if method.redelivered:
             metrics.REDELIVERIES.inc()
+        priority = self._job_priority(method, props)
         self._lane.submit(
-            BATCH, functools.partial(self._work, channel, method.delivery_tag, props, body)
+            priority,
+            functools.partial(
+                self._work, channel, method.delivery_tag, props, body, suspect=priority > BATCH
+            ),
         )
+
+    def _job_priority(self, method: Basic.Deliver, props: BasicProperties) -> int:
+        """Fresh jobs first, in arrival order; then jobs returned before, the most often
+        returned last and, among equals, the earliest delivered last.
+
+        A crash returns every job the worker held, and each return counts towards the
+        queue's delivery limit. The job that was running, the likely culprit, is the one
+        delivered first, so it runs last here: the innocent jobs delivered with a poison
+        job finish before it crashes again, instead of reaching the limit alongside it.
+        """
+        returned = (props.headers or {}).get("x-delivery-count", 0)
+        if not isinstance(returned, int) or returned < 1:
+            returned = 1 if method.redelivered else 0
+        if returned == 0:
+            return BATCH
+        arrival = next(self._arrivals) % _SUSPECT_SPAN
+        return BATCH + 1 + min(returned, 255) * _SUSPECT_SPAN + (_SUSPECT_SPAN - 1 - arrival)
 
     def _on_sync(
         self, channel: BlockingChannel, method: Basic.Deliver, props: BasicProperties, body: bytes
@@ -212,11 +238,21 @@ class Consumer:
             self._reply(channel.basic_ack, tag)
 
     def _work(
-        self, channel: BlockingChannel, tag: int, props: BasicProperties, body: bytes
+        self,
+        channel: BlockingChannel,
+        tag: int,
+        props: BasicProperties,
+        body: bytes,
+        *,
+        suspect: bool = False,
     ) -> None:
         if self._stopping.is_set():
             self._reply(channel.basic_nack, tag, requeue=True)
             return
+        if suspect:
+            # A returned job may crash this process: first let the acks of the jobs
+            # finished before it leave, so a crash does not return (and count) them too.
+            self._wait_for_io_thread()
         start = time.perf_counter()
         try:
             job = decode_job(body)
@@ -277,6 +313,12 @@ class Consumer:
             log.warning(
                 "could not record dead job %s in its batch ledger", job_id, extra=_ids(props)
             )
+
+    def _wait_for_io_thread(self, timeout: float = 5.0) -> None:
+        """Block until the I/O thread has run every callback handed to it so far."""
+        done = threading.Event()
+        self._on_io_thread(done.set, "barrier")
+        done.wait(timeout)
 
     def _reply(self, fn: Callable[..., None], tag: int, **kwargs: bool) -> None:
         """Settle a delivery (ack, nack, reject) from the compute thread."""

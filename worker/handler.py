@@ -30,6 +30,16 @@ redis.call('HSETNX', KEYS[1], 'model_version', ARGV[1])
 return redis.call('HGET', KEYS[1], 'model_version')
 """
 MAX_PINS = 4096
+# A job counted dead that finishes after all (replayed from the dead-letter queue, or
+# finished by a worker that lost its connection while the broker dead-lettered it) is
+# no longer dead: uncount it, so the ledger counts every job once, done or dead.
+# KEYS: ledger, dead set. ARGV: job id, users.
+REVIVE_SCRIPT = """
+if redis.call('SREM', KEYS[2], ARGV[1]) == 0 then return 0 end
+redis.call('HINCRBY', KEYS[1], 'jobs_dead', -1)
+redis.call('HINCRBY', KEYS[1], 'users_dead', -tonumber(ARGV[2]))
+return 1
+"""
 
 
 @dataclass(frozen=True)
@@ -53,6 +63,7 @@ class JobHandler:
         self.gen_keys = GenerationKeys(settings.redis_prefix)
         self._progress = client.register_script(PROGRESS_SCRIPT)
         self._pin = client.register_script(PIN_SCRIPT)
+        self._revive = client.register_script(REVIVE_SCRIPT)
         self._pins: dict[str, str] = {}
 
     def model_for(self, job: Job) -> Model:
@@ -141,6 +152,11 @@ class JobHandler:
                 for key, mapping in by_bucket.items():
                     pipe.hset(key, mapping=mapping)  # type: ignore[arg-type]
                 pipe.hset(self.keys.models, str(model.tag), model.version)
+                self._revive(
+                    keys=[self.keys.batch(job.batch_id), self.keys.batch_dead(job.batch_id)],
+                    args=[job.job_id, len(user_ids)],
+                    client=pipe,
+                )
                 self._progress(
                     keys=[self.keys.batch(job.batch_id), self.keys.batch_done(job.batch_id)],
                     args=[
@@ -159,7 +175,7 @@ class JobHandler:
                 replies = pipe.execute()
         except redis.RedisError as exc:
             raise TransientError(f"Redis unavailable: {exc}") from exc
-        return int(replies[len(by_bucket) + 1])
+        return int(replies[len(by_bucket) + 2])
 
     def _observe(
         self,
@@ -185,8 +201,11 @@ class JobHandler:
 
     def record_dead(self, batch_id: str, job_id: str, users: int) -> None:
         """Count a dead-lettered job in its batch ledger (once), finalizing the batch if that
-        was its last job. Raises TransientError."""
+        was its last job. A job already done (its ack was lost, then it reached the delivery
+        limit) stays done. Raises TransientError."""
         try:
+            if self.redis.sismember(self.keys.batch_done(batch_id), job_id):
+                return
             with self.redis.pipeline(transaction=False) as pipe:
                 self._progress(
                     keys=[self.keys.batch(batch_id), self.keys.batch_dead(batch_id)],
