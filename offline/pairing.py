@@ -1,0 +1,300 @@
+"""User pairing: cosine kNN between users, and each user's candidate playlists.
+
+Exact cosine kNN over the sparse user×playlist matrix costs the sum over playlists of
+their squared user counts — about 10^10 multiply-adds for 200 000 users with power-law
+popularity, and 25 times that for a million — so it is approximated in two steps:
+
+1. Each user row of the IDF-weighted, L2-normalised matrix is projected onto its top
+   ``rank`` singular vectors (randomized SVD). Cosine in that space tracks cosine of the
+   sparse rows while smoothing the one-or-two-playlist overlaps that make raw kNN noisy;
+   on the synthetic data it finds candidate lists with a higher hit rate than exact kNN.
+2. An inverted-file index: spherical k-means splits users into cells of about
+   ``cell_size``; the users of each cell are compared (dense matmul) with the users of the
+   cells nearest to its centroid, as many as it takes to reach ``pool_size`` users (the
+   cells are uneven: dense regions of taste make big ones). With one cell it is exact.
+
+Candidates of a user are the playlists their neighbours have, minus the ones the user
+already has (held-out positives stay reachable because training rows never contain them),
+ranked by how many neighbours have them, ties broken by popularity, at most
+``max_candidates``. Rows shorter than ``min_candidates`` are padded with the most popular
+playlists the user has not seen; only a catalogue too small for that adds seen ones.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+from sklearn.utils.extmath import randomized_svd
+
+logger = logging.getLogger("offline")
+
+
+@dataclass(frozen=True)
+class PairingConfig:
+    """kNN and candidate-list parameters."""
+
+    rank: int = 32
+    neighbours: int = 50
+    cell_size: int = 1000
+    pool_size: int = 4000
+    min_candidates: int = 20
+    max_candidates: int = 100
+
+
+def user_embeddings(matrix: sp.csr_matrix, rank: int, seed: int) -> np.ndarray:
+    """Unit-length float32 rows approximating cosine geometry of the IDF-weighted rows.
+
+    Users without interactions get a zero row. Raises ValueError for an empty matrix.
+    """
+    n_users, n_playlists = matrix.shape
+    if n_users == 0 or n_playlists == 0:
+        raise ValueError("cannot embed an empty interaction matrix")
+    counts = np.bincount(matrix.indices, minlength=n_playlists)
+    idf = np.log((n_users + 1.0) / (counts + 1.0)).astype(np.float32)
+    weighted = matrix @ sp.diags(idf)
+    norms = np.sqrt(np.asarray(weighted.multiply(weighted).sum(axis=1)).ravel())
+    weighted = sp.diags(1.0 / np.maximum(norms, 1e-12)) @ weighted
+    rank = max(1, min(rank, n_users - 1, n_playlists - 1))
+    left, singular, _ = randomized_svd(
+        weighted.astype(np.float32), rank, n_iter=4, random_state=seed
+    )
+    emb = (left * singular).astype(np.float32)
+    emb /= np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+    return emb
+
+
+def spherical_kmeans(
+    emb: torch.Tensor, n_cells: int, seed: int, iterations: int = 10
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Centroids (unit rows) fitted on a sample, and every row's cell."""
+    gen = torch.Generator().manual_seed(seed)
+    n = emb.shape[0]
+    sample = emb[torch.randperm(n, generator=gen)[: min(n, 64 * n_cells)]]
+    centroids = sample[:n_cells].clone()
+    for _ in range(iterations):
+        cell = (sample @ centroids.T).argmax(dim=1)
+        sums = torch.zeros_like(centroids).index_add_(0, cell, sample)
+        empty = torch.bincount(cell, minlength=n_cells) == 0
+        sums[empty] = centroids[empty]  # an empty cell keeps its old centroid
+        centroids = sums / sums.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    cells = torch.cat([(part @ centroids.T).argmax(dim=1) for part in emb.split(65536)])
+    return centroids, cells
+
+
+def _neighbours_in_pool(
+    emb: torch.Tensor, members: torch.Tensor, pool: torch.Tensor, k: int
+) -> np.ndarray:
+    """Top-k pool rows by cosine for each member, never the member itself; -1 pads.
+
+    ``pool`` must start with ``members`` (in order): that locates each member's own entry.
+    """
+    out = np.full((len(members), k), -1, dtype=np.int32)
+    take = min(k, len(pool) - 1)
+    if take <= 0:
+        return out
+    pool_emb = emb[pool].T.contiguous()
+    pool_np = pool.numpy()
+    step = max(1, (1 << 23) // len(pool))  # bound the similarity block to ~32 MB
+    for begin in range(0, len(members), step):
+        rows = members[begin : begin + step]
+        sim = (emb[rows] @ pool_emb).numpy()
+        own = np.arange(len(rows))
+        sim[own, begin + own] = -np.inf
+        # argpartition: unordered top-k, several times faster than torch.topk on CPU.
+        best = np.argpartition(sim, len(pool) - take, axis=1)[:, len(pool) - take :]
+        out[begin : begin + len(rows), :take] = pool_np[best]
+    return out
+
+
+def balanced_cells(
+    emb: torch.Tensor, cell_size: int, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Spherical k-means into about ``n / cell_size`` cells, oversized cells split again.
+
+    Users are not spread evenly (dense regions of taste make cells ten times the median),
+    and a cell's search cost grows with its size squared.
+    """
+    n_cells = max(1, emb.shape[0] // cell_size)
+    centroids, cells = spherical_kmeans(emb, n_cells, seed)
+    sizes = torch.bincount(cells, minlength=n_cells)
+    parts, labels, next_label = [centroids], cells.clone(), n_cells
+    for cell in torch.nonzero(sizes > 2 * cell_size).flatten().tolist():
+        members = torch.nonzero(cells == cell).flatten()
+        n_sub = int(sizes[cell]) // cell_size
+        sub_centroids, sub_cells = spherical_kmeans(emb[members], n_sub, seed + cell)
+        parts.append(sub_centroids[1:])
+        # Sub-cell 0 keeps the old label (its centroid is replaced), the rest get new ones.
+        parts[0][cell] = sub_centroids[0]
+        labels[members] = torch.where(sub_cells == 0, cell, sub_cells - 1 + next_label)
+        next_label += n_sub - 1
+    return torch.cat(parts), labels
+
+
+def _probe_lists(centroids: torch.Tensor, sizes: torch.Tensor, pool_size: int) -> list[list[int]]:
+    """For each cell, the nearest cells (itself first) until they hold ``pool_size`` users."""
+    n_cells = len(centroids)
+    nearest = (centroids @ centroids.T).topk(min(n_cells, 64), dim=1).indices
+    covered = sizes[nearest].cumsum(dim=1)
+    # Number of cells to take: up to and including the first that reaches pool_size.
+    take = ((covered < pool_size).sum(dim=1) + 1).clamp_max(nearest.shape[1])
+    return [row[:n].tolist() for row, n in zip(nearest, take.tolist(), strict=True)]
+
+
+def nearest_neighbours(
+    emb: np.ndarray, k: int, seed: int, *, cell_size: int = 1000, pool_size: int = 4000
+) -> np.ndarray:
+    """int32 [n_users, k] neighbour rows by cosine of ``emb`` (IVF search); -1 pads."""
+    emb_t = torch.from_numpy(emb)
+    n_users = emb.shape[0]
+    centroids, cells = balanced_cells(emb_t, cell_size, seed)
+    sizes = torch.bincount(cells, minlength=len(centroids))
+    order = torch.argsort(cells, stable=True)
+    bounds = torch.cat([torch.zeros(1, dtype=torch.int64), sizes.cumsum(0)]).tolist()
+    members_of = [order[bounds[c] : bounds[c + 1]] for c in range(len(centroids))]
+    result = np.full((n_users, k), -1, dtype=np.int32)
+    for cell, probes in enumerate(_probe_lists(centroids, sizes, pool_size)):
+        if len(members_of[cell]) == 0:
+            continue
+        others = [members_of[p] for p in probes if p != cell]
+        pool = torch.cat([members_of[cell], *others])
+        result[members_of[cell].numpy()] = _neighbours_in_pool(emb_t, members_of[cell], pool, k)
+    return result
+
+
+def popularity_rank(popularity: np.ndarray) -> np.ndarray:
+    """Playlist rows, most popular first; ties by row, so the order is deterministic."""
+    return np.argsort(-popularity, kind="stable")
+
+
+def _chunk_candidates(
+    matrix: sp.csr_matrix,
+    neighbours: np.ndarray,
+    first_row: int,
+    by_rank: np.ndarray,
+    rank_of: np.ndarray,
+    max_candidates: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Candidate lengths and rows for users ``first_row ..`` (one block of neighbours)."""
+    n_rows, k = neighbours.shape
+    own = np.arange(first_row, first_row + n_rows, dtype=np.int64)
+    valid = neighbours >= 0
+    # Votes from neighbours; the user's own row with weight -(k+1) makes seen playlists negative.
+    cols = np.concatenate([neighbours[valid].astype(np.int64), own])
+    rows = np.concatenate([np.nonzero(valid)[0], np.arange(n_rows)])
+    vals = np.concatenate([np.ones(int(valid.sum()), np.float32), np.full(n_rows, -k - 1.0)])
+    adjacency = sp.csr_matrix((vals, (rows, cols)), shape=(n_rows, matrix.shape[0]))
+    votes = (adjacency @ matrix).tocoo()
+    keep = votes.data > 0
+    row, col = votes.row[keep].astype(np.int64), votes.col[keep]
+    vote = votes.data[keep].astype(np.int64)
+    # One int64 sort key: row, then more votes first, then more popular first.
+    rank_bits = max(1, int(len(by_rank) - 1).bit_length())
+    vote_bits = int(k + 1).bit_length()
+    key = (row << (rank_bits + vote_bits)) | ((k - vote) << rank_bits) | rank_of[col]
+    key.sort()
+    row = key >> (rank_bits + vote_bits)
+    starts = np.searchsorted(row, np.arange(n_rows))
+    within = np.arange(len(key)) - starts[row]
+    chosen = within < max_candidates
+    lengths = np.bincount(row[chosen], minlength=n_rows)
+    return lengths, by_rank[key[chosen] & ((1 << rank_bits) - 1)].astype(np.int32)
+
+
+def _pad_short_rows(
+    indptr: np.ndarray,
+    indices: np.ndarray,
+    matrix: sp.csr_matrix,
+    by_rank: np.ndarray,
+    min_candidates: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Pad rows shorter than ``min_candidates`` from popularity (unseen first)."""
+    lengths = np.diff(indptr)
+    short = np.flatnonzero(lengths < min(min_candidates, len(by_rank)))
+    if len(short) == 0:
+        return indptr, indices
+    rows = np.split(indices, indptr[1:-1])
+    for user in short:
+        have = set(rows[user].tolist())
+        seen = set(matrix.indices[matrix.indptr[user] : matrix.indptr[user + 1]].tolist())
+        need = min_candidates - len(have)
+        excluded = have | seen
+        unseen = [p for p in by_rank[: need + len(excluded)].tolist() if p not in excluded]
+        extra = unseen[:need]
+        if len(extra) < need:  # tiny catalogue: seen playlists are all that is left
+            rest = [p for p in by_rank.tolist() if p not in have and p not in extra]
+            extra += rest[: need - len(extra)]
+        rows[user] = np.concatenate([rows[user], np.asarray(extra, dtype=np.int32)])
+    logger.info("pairing: padded %d of %d users from popularity", len(short), len(lengths))
+    new_indptr = np.zeros(len(indptr), dtype=np.int64)
+    np.cumsum([len(r) for r in rows], out=new_indptr[1:])
+    return new_indptr, np.concatenate(rows).astype(np.int32)
+
+
+def build_candidates(
+    matrix: sp.csr_matrix,
+    neighbours: np.ndarray,
+    popularity: np.ndarray,
+    *,
+    min_candidates: int = 20,
+    max_candidates: int = 100,
+    block: int = 8192,
+    threads: int = 1,
+) -> tuple[np.ndarray, np.ndarray]:
+    """CSR (indptr int64, indices int32) of candidate playlist rows for every user row.
+
+    Blocks of users run on ``threads`` threads (scipy's sparse product releases the GIL).
+    """
+    by_rank = popularity_rank(popularity)
+    rank_of = np.empty(len(by_rank), dtype=np.int64)
+    rank_of[by_rank] = np.arange(len(by_rank))
+    matrix = matrix.astype(np.float32)
+    starts = range(0, matrix.shape[0], block)
+    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+        parts = list(
+            pool.map(
+                lambda s: _chunk_candidates(
+                    matrix, neighbours[s : s + block], s, by_rank, rank_of, max_candidates
+                ),
+                starts,
+            )
+        )
+    lengths = np.concatenate([p[0] for p in parts]) if parts else np.zeros(0, np.int64)
+    indptr = np.zeros(matrix.shape[0] + 1, dtype=np.int64)
+    np.cumsum(lengths, out=indptr[1:])
+    indices = np.concatenate([p[1] for p in parts]) if parts else np.zeros(0, np.int32)
+    return _pad_short_rows(indptr, indices, matrix, by_rank, min_candidates)
+
+
+def pair_users(
+    matrix: sp.csr_matrix, popularity: np.ndarray, seed: int, config: PairingConfig, threads: int
+) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
+    """Candidate CSR (indptr, indices) for every user row, and seconds per step.
+
+    Raises ValueError for an empty matrix.
+    """
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+    emb = user_embeddings(matrix, config.rank, seed)
+    timings["pairing_svd"] = time.perf_counter() - start
+    start = time.perf_counter()
+    neighbours = nearest_neighbours(
+        emb, config.neighbours, seed, cell_size=config.cell_size, pool_size=config.pool_size
+    )
+    timings["pairing_knn"] = time.perf_counter() - start
+    start = time.perf_counter()
+    indptr, indices = build_candidates(
+        matrix,
+        neighbours,
+        popularity,
+        min_candidates=config.min_candidates,
+        max_candidates=config.max_candidates,
+        threads=threads,
+    )
+    timings["pairing_candidates"] = time.perf_counter() - start
+    return indptr, indices, timings
