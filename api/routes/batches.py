@@ -52,7 +52,10 @@ async def submit_batch(
     clients: ClientsDep,
     idempotency_key: Annotated[
         str | None,
-        Header(description="the same key within the window returns the same batch"),
+        Header(
+            description="the same key within the window returns the same batch",
+            pattern=KEY_PATTERN.pattern,
+        ),
     ] = None,
 ) -> BatchAccepted:
     """Queue users: split into jobs of at most ``job_size`` users, publish each with a
@@ -68,11 +71,6 @@ async def submit_batch(
         )
     if idempotency_key is None:
         return await _queue(body, clients)
-    if not KEY_PATTERN.fullmatch(idempotency_key):
-        raise HTTPException(
-            status.HTTP_422_UNPROCESSABLE_CONTENT,
-            "Idempotency-Key must be 1-128 characters of letters, digits and _.:-",
-        )
     store = IdempotencyStore(clients.redis, s.redis_prefix, s.idempotency_window_s)
     body_digest = digest(orjson.dumps([body.batch_id, body.user_ids]))
     try:
