@@ -169,7 +169,7 @@ def _build_into(
             "user_ids": np.arange(n_users, dtype=np.int64),
             "playlist_ids": np.arange(n_playlists, dtype=np.int64),
         }
-        arrays = {
+        arrays: dict[str, np.ndarray] = {
             "candidates_indptr": indptr.astype(np.int64),
             "candidates_indices": indices.astype(np.int32),
             "playlist_popularity": popularity,
@@ -194,7 +194,7 @@ def _build_into(
         "n_users": n_users,
         "n_playlists": n_playlists,
         "dim": dim,
-        "n_interactions": int(len(interactions.users)),
+        "n_interactions": len(interactions.users),
         "params": params,
         "training": train_stats,
         "metrics": metrics,

@@ -124,7 +124,7 @@ def balanced_cells(
     centroids, cells = spherical_kmeans(emb, n_cells, seed)
     sizes = torch.bincount(cells, minlength=n_cells)
     parts, labels, next_label = [centroids], cells.clone(), n_cells
-    for cell in torch.nonzero(sizes > 2 * cell_size).flatten().tolist():
+    for cell in torch.nonzero(sizes * 2 > 3 * cell_size).flatten().tolist():
         members = torch.nonzero(cells == cell).flatten()
         n_sub = int(sizes[cell]) // cell_size
         sub_centroids, sub_cells = spherical_kmeans(emb[members], n_sub, seed + cell)

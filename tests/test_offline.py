@@ -1,0 +1,222 @@
+"""The offline artifact builder: format, quality, determinism, feedback, corruption."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from offline.build import TRUTH_FILE, build_artifacts
+from offline.evaluate import expected_ranks, rank_metrics, split_holdout
+from offline.pairing import nearest_neighbours
+from offline.synthetic import SyntheticTruth, generate, preference
+from shared.artifacts import MANIFEST, load_artifacts
+from shared.errors import ArtifactError
+
+SMALL = {"n_users": 3000, "n_playlists": 1000}
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
+    out = tmp_path_factory.mktemp("art") / "small"
+    return out, build_artifacts(out, seed=0, **SMALL)
+
+
+def _copy(built: tuple[Path, dict[str, Any]], tmp_path: Path) -> Path:
+    target = tmp_path / "copy"
+    shutil.copytree(built[0], target)
+    return target
+
+
+def test_small_build_loads_with_identity_ids(built: tuple[Path, dict[str, Any]]) -> None:
+    art = load_artifacts(built[0])
+    assert (art.n_users, art.n_playlists, art.dim) == (3000, 1000, 128)
+    assert art.user_embeddings.dtype == np.float32
+    assert np.array_equal(art.user_ids, np.arange(3000))
+    assert np.array_equal(art.playlist_ids, np.arange(1000))
+    assert art.playlist_popularity.sum() > 0
+    assert len(art.fallback) == 100
+    assert np.all(np.diff(art.playlist_popularity[art.fallback]) <= 0)
+    assert not any(built[0].parent.glob(".small.*")), "temporary directory left behind"
+
+
+def test_candidates_are_20_to_100_distinct_playlists(built: tuple[Path, dict[str, Any]]) -> None:
+    art = load_artifacts(built[0])
+    lengths = np.diff(art.candidates_indptr)
+    assert lengths.min() >= 20 and lengths.max() <= 100
+    for user in range(0, 3000, 97):
+        row = art.candidates_indices[art.candidates_indptr[user] : art.candidates_indptr[user + 1]]
+        assert len(np.unique(row)) == len(row)
+
+
+def test_bpr_beats_popularity(built: tuple[Path, dict[str, Any]]) -> None:
+    metrics = built[1]["metrics"]
+    bpr, popularity = metrics["bpr"], metrics["popularity"]
+    assert bpr["hit@10"] > popularity["hit@10"] + 0.05
+    assert bpr["mrr"] > 1.5 * popularity["mrr"]
+    assert metrics["oracle"]["mrr"] >= bpr["mrr"] * 0.9
+    assert 0.3 < metrics["candidate_recall"] <= 1.0
+    assert bpr["hit@10"] <= metrics["candidate_recall"]
+
+
+def test_manifest_records_version_params_and_timings(built: tuple[Path, dict[str, Any]]) -> None:
+    manifest = json.loads((built[0] / MANIFEST).read_text())
+    assert manifest["model_version"].startswith("bpr-")
+    assert manifest["params"]["seed"] == 0
+    assert {"synthetic", "pairing_knn", "bpr", "evaluate", "total"} <= set(manifest["timings"])
+    assert manifest["created_at"].endswith("+00:00")
+
+
+def test_synthetic_truth_is_saved(built: tuple[Path, dict[str, Any]]) -> None:
+    truth = SyntheticTruth.load(built[0] / TRUTH_FILE)
+    assert truth.playlist_cluster.shape == (1000,)
+    assert truth.user_clusters.shape[0] == 3000
+    assert np.allclose(truth.user_weights.sum(axis=1), 1.0, atol=1e-5)
+
+
+def test_same_seed_same_artifacts_other_seed_differs(
+    built: tuple[Path, dict[str, Any]], tmp_path: Path
+) -> None:
+    again = build_artifacts(tmp_path / "again", seed=0, **SMALL)
+    assert again["files"] == built[1]["files"]
+    assert again["model_version"] == built[1]["model_version"]
+    other = build_artifacts(tmp_path / "other", seed=1, **SMALL)
+    assert other["files"]["embeddings.safetensors"] != built[1]["files"]["embeddings.safetensors"]
+
+
+def test_feedback_triplets_are_trained_on(
+    built: tuple[Path, dict[str, Any]], tmp_path: Path
+) -> None:
+    triplets = np.array([[0, 5, 6], [1, 7, 8], [2999, 999, 0]] * 50, dtype=np.int64)
+    np.save(tmp_path / "fb.npy", triplets)
+    manifest = build_artifacts(tmp_path / "fb", seed=0, feedback=tmp_path / "fb.npy", **SMALL)
+    assert manifest["params"]["feedback"]["triplets"] == 150
+    assert manifest["training"]["samples"] > built[1]["training"]["samples"]
+    emb = load_artifacts(tmp_path / "fb")
+    base = load_artifacts(built[0])
+    assert not np.array_equal(emb.user_embeddings[0], base.user_embeddings[0])
+
+
+@pytest.mark.parametrize(
+    "triplets",
+    [np.array([[0, 1, 1000]]), np.array([[0, 1]]), np.array([[0.5, 1.0, 2.0]])],
+    ids=["out-of-range", "wrong-shape", "floats"],
+)
+def test_bad_feedback_is_refused_before_building(tmp_path: Path, triplets: np.ndarray) -> None:
+    np.save(tmp_path / "fb.npy", triplets)
+    with pytest.raises(ValueError, match=r"fb\.npy"):
+        build_artifacts(tmp_path / "out", seed=0, feedback=tmp_path / "fb.npy", **SMALL)
+    assert not (tmp_path / "out").exists()
+
+
+def test_tiny_catalogue_still_gets_twenty_candidates(tmp_path: Path) -> None:
+    build_artifacts(tmp_path / "tiny", n_users=40, n_playlists=20, seed=3, epochs=2)
+    art = load_artifacts(tmp_path / "tiny")
+    assert np.all(np.diff(art.candidates_indptr) == 20)
+
+
+def test_rebuild_replaces_artifacts_but_not_other_directories(tmp_path: Path) -> None:
+    out = tmp_path / "art"
+    build_artifacts(out, n_users=50, n_playlists=40, seed=0, epochs=1)
+    build_artifacts(out, n_users=60, n_playlists=40, seed=0, epochs=1)
+    assert load_artifacts(out).n_users == 60
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("keep me")
+    with pytest.raises(FileExistsError):
+        build_artifacts(precious, n_users=50, n_playlists=40, seed=0, epochs=1)
+    assert (precious / "notes.txt").read_text() == "keep me"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["art", "precious"]
+
+
+def _flip_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def _set_format_version(path: Path) -> None:
+    manifest = json.loads(path.read_text())
+    manifest["format_version"] = 99
+    path.write_text(json.dumps(manifest))
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:-16])
+
+
+@pytest.mark.parametrize(
+    ("name", "corrupt"),
+    [
+        ("embeddings.safetensors", _flip_byte),
+        ("candidates_indices.npy", _flip_byte),
+        ("fallback.npy", Path.unlink),
+        ("manifest.json", _set_format_version),
+        ("candidates_indptr.npy", _truncate),
+        ("user_ids.npy", _truncate),
+    ],
+)
+def test_corruption_is_refused_naming_the_file(
+    built: tuple[Path, dict[str, Any]], tmp_path: Path, name: str, corrupt: Any
+) -> None:
+    path = _copy(built, tmp_path)
+    corrupt(path / name)
+    with pytest.raises(ArtifactError, match=name.replace(".", r"\.")):
+        load_artifacts(path)
+
+
+def test_preference_is_a_distribution() -> None:
+    _, truth = generate(5, 300, seed=2)
+    probs = preference(truth, np.arange(5)[:, None], np.arange(300)[None, :])
+    assert np.allclose(probs.sum(axis=1), 1.0)
+
+
+def test_interactions_are_distinct_power_law_and_seeded() -> None:
+    inter, _ = generate(2000, 500, seed=4)
+    again, _ = generate(2000, 500, seed=4)
+    assert np.array_equal(inter.playlists, again.playlists)
+    keys = inter.users.astype(np.int64) * 500 + inter.playlists
+    assert np.all(np.diff(keys) > 0)
+    counts = np.sort(np.bincount(inter.playlists, minlength=500))[::-1]
+    assert counts[:5].sum() > 5 * counts[250:255].sum()
+    assert 10 < len(inter.users) / 2000 < 60
+
+
+def test_holdout_removes_one_interaction_per_user() -> None:
+    inter, _ = generate(300, 200, seed=5)
+    split = split_holdout(inter.users, inter.playlists, (300, 200), np.random.default_rng(0))
+    assert split.train.nnz == len(inter.users) - int((split.heldout >= 0).sum())
+    users = np.flatnonzero(split.heldout >= 0)
+    assert split.train[users, split.heldout[users]].sum() == 0
+
+
+def test_ivf_search_finds_most_exact_neighbours() -> None:
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(20, 16))
+    emb = (centres[rng.integers(0, 20, 4000)] + 0.3 * rng.normal(size=(4000, 16))).astype(
+        np.float32
+    )
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    approx = nearest_neighbours(emb, 10, seed=0, cell_size=200, pool_size=600)
+    sim = emb @ emb.T
+    np.fill_diagonal(sim, -np.inf)
+    exact = np.argsort(-sim, axis=1)[:, :10]
+    overlap = np.mean([len(set(a) & set(e)) / 10 for a, e in zip(approx, exact, strict=True)])
+    assert overlap > 0.8
+    assert not np.any(approx == np.arange(4000)[:, None])
+
+
+def test_ties_count_half_and_absent_targets_miss() -> None:
+    indptr = np.array([0, 3, 6])
+    indices = np.array([1, 2, 3, 4, 5, 6])
+    heldout = np.array([2, 9])
+    ranks = expected_ranks(
+        lambda u, c: np.ones(c.shape), indptr, indices, np.array([0, 1]), heldout
+    )
+    assert ranks[0] == 1.0 and np.isinf(ranks[1])
+    assert rank_metrics(ranks)["hit@1"] == 0.0
+    assert rank_metrics(ranks)["mrr"] == pytest.approx(0.25)
