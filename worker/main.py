@@ -67,7 +67,10 @@ def run_fleet(settings: Settings, processes: int) -> int:
     if processes == 1:
         run_worker(settings, 0)
         return 0
-    ctx = mp.get_context("spawn")
+    # Fork, not spawn: the children share the parent's already-imported torch and Python
+    # runtime copy-on-write, so a second worker costs ~30 MB of private memory instead of
+    # ~200 MB. The parent has run no torch op and opened no connection before forking.
+    ctx = mp.get_context("fork")
     stopping = False
     children: dict[int, mp.process.BaseProcess] = {}
     restarts: dict[int, float] = {}
