@@ -205,11 +205,13 @@ from cli.dlq import dlq  # noqa: E402
 from cli.drift import drift  # noqa: E402
 from cli.feedback import feedback  # noqa: E402
 from cli.generations import generations  # noqa: E402
+from cli.schedule import schedule  # noqa: E402
 
 cli.add_command(bench)
 cli.add_command(demo)
 cli.add_command(dlq)
 cli.add_command(generations)
+cli.add_command(schedule)
 cli.add_command(drift)
 cli.add_command(db)
 cli.add_command(feedback)
