@@ -54,6 +54,10 @@ class BatchStatus(BaseModel):
     gen_reason: str | None = Field(description="why the batch was not made current")
     activated_at: float | None
     model_version: str | None = Field(description="the model pinned by the first job")
+    failed_user_ids: list[int] | None = Field(
+        default=None, description="users of dead-lettered jobs (with ?failed_users=true)"
+    )
+    failed_user_ids_truncated: bool | None = None
     recommended_by_popularity: dict[str, int] = Field(
         default_factory=dict, description="recommended playlists per popularity-rank bucket"
     )

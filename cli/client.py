@@ -84,10 +84,11 @@ def submit(client: httpx.Client, user_ids: Sequence[int], chunk: int) -> Submitt
     return Submitted([batch_id], users, jobs, time.perf_counter() - start)
 
 
-def batch_status(client: httpx.Client, batch_id: str) -> dict:
+def batch_status(client: httpx.Client, batch_id: str, *, failed_users: bool = False) -> dict:
     """The gateway's progress document. Raises GatewayError."""
     try:
-        resp = client.get(f"/api/batches/{batch_id}")
+        params = {"failed_users": "true"} if failed_users else None
+        resp = client.get(f"/api/batches/{batch_id}", params=params)
     except httpx.HTTPError as exc:
         raise GatewayError(f"gateway unreachable at {client.base_url}: {exc}") from exc
     if resp.status_code != 200:

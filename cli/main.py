@@ -185,13 +185,14 @@ def submit_cmd(
 @cli.command()
 @click.argument("batch_id")
 @click.option("--api-url", default=None, help="gateway URL (default from settings)")
-def status(batch_id: str, api_url: str | None) -> None:
+@click.option("--failed", is_flag=True, help="also list the users of dead-lettered jobs")
+def status(batch_id: str, api_url: str | None, failed: bool) -> None:
     """Show a batch's progress."""
     s = _settings()
     url = api_url or f"http://{s.api_host}:{s.api_port}"
     with httpx.Client(base_url=url, timeout=30) as client:
         try:
-            st = batch_status(client, batch_id)
+            st = batch_status(client, batch_id, failed_users=failed)
         except GatewayError as exc:
             raise click.ClickException(str(exc)) from exc
     for key, value in st.items():

@@ -63,6 +63,10 @@ class Keys:
     def batch_dead(self, batch_id: str) -> str:
         return f"{self.prefix}:b:{{{batch_id}}}:dead"
 
+    def batch_dead_users(self, batch_id: str) -> str:
+        """Hash: dead-lettered job id -> its user ids as packed little-endian int64."""
+        return f"{self.prefix}:b:{{{batch_id}}}:dead-users"
+
     @property
     def batches(self) -> str:
         return f"{self.prefix}:batches"

@@ -138,3 +138,44 @@ def test_consumer_ranks_jobs_and_dead_letters_bad_messages(
     assert method is not None and body == b"\x00garbage"
     assert ledger()[b"users_dead"] == b"100"
     conn.close()
+
+
+async def test_users_of_dead_lettered_jobs_are_listed_on_request(
+    running_consumer: Consumer, handler: JobHandler, fleet_settings: Settings
+) -> None:
+    import httpx
+
+    from api.app import create_app
+
+    keys = Keys(fleet_settings.redis_prefix)
+    jobs = make_jobs("b4", list(range(1500)), 1000)
+    handler.redis.hset(keys.batch("b4"), mapping=new_batch_fields(len(jobs), 1500))
+    conn = pika.BlockingConnection(pika.URLParameters(str(fleet_settings.amqp_url)))
+    channel = conn.channel()
+    channel.confirm_delivery()
+    channel.basic_publish("", fleet_settings.jobs_queue, jobs[0].encode())
+    # The second job reaches the dead-letter exchange as the broker's delivery limit
+    # would send it: its copy on the dead-events queue is what the worker counts.
+    props = pika.BasicProperties(
+        message_id=jobs[1].job_id, headers={HEADER_BATCH_ID: "b4", HEADER_USERS: 500}
+    )
+    channel.basic_publish(
+        fleet_settings.dead_letter_exchange,
+        fleet_settings.dead_letter_queue,
+        jobs[1].encode(),
+        props,
+    )
+    conn.close()
+    _wait_for(lambda: handler.redis.hget(keys.batch("b4"), "jobs_dead") == b"1")
+    _wait_for(lambda: handler.redis.hget(keys.batch("b4"), "jobs_done") == b"1")
+
+    app = create_app(fleet_settings)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as c:
+            plain = (await c.get("/api/batches/b4")).json()
+            listed = (await c.get("/api/batches/b4", params={"failed_users": "true"})).json()
+    assert plain["state"] == "failed" and plain["failed_user_ids"] is None
+    assert listed["failed_user_ids"] == list(range(1000, 1500))
+    assert listed["failed_user_ids_truncated"] is False
+    assert listed["gen_state"] == "rejected"  # 33 % of users dead-lettered: over the gate

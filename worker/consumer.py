@@ -185,10 +185,10 @@ class Consumer:
         )
 
     def _on_dead_event(
-        self, channel: BlockingChannel, method: Basic.Deliver, props: BasicProperties, _body: bytes
+        self, channel: BlockingChannel, method: Basic.Deliver, props: BasicProperties, body: bytes
     ) -> None:
         self._lane.submit(
-            URGENT, functools.partial(self._count_dead, channel, method.delivery_tag, props)
+            URGENT, functools.partial(self._count_dead, channel, method.delivery_tag, props, body)
         )
 
     def _work_sync(
@@ -230,10 +230,12 @@ class Consumer:
             f"reply {props.correlation_id}",
         )
 
-    def _count_dead(self, channel: BlockingChannel, tag: int, props: BasicProperties) -> None:
+    def _count_dead(
+        self, channel: BlockingChannel, tag: int, props: BasicProperties, body: bytes
+    ) -> None:
         """A copy of a dead letter (the original stays in the DLQ): count it in its batch."""
         try:
-            self._record_dead(props)
+            self._record_dead(props, body)
         finally:
             self._reply(channel.basic_ack, tag)
 
@@ -298,8 +300,9 @@ class Consumer:
         # The broker's copy on the dead-events queue counts it in its batch ledger.
         self._reply(channel.basic_reject, tag, requeue=False)
 
-    def _record_dead(self, props: BasicProperties) -> None:
-        """Count a dead-lettered job in its batch ledger when the headers name a valid batch."""
+    def _record_dead(self, props: BasicProperties, body: bytes = b"") -> None:
+        """Count a dead-lettered job in its batch ledger when the headers name a valid batch,
+        keeping its user ids when the body is a job (so operators can list failed users)."""
         headers = props.headers or {}
         batch_id, job_id = headers.get(HEADER_BATCH_ID), props.message_id
         users = headers.get(HEADER_USERS, 0)
@@ -308,7 +311,11 @@ class Consumer:
         if not (_VALID_ID.fullmatch(batch_id) and _VALID_ID.fullmatch(job_id)):
             return
         try:
-            self.handler.record_dead(batch_id, job_id, users)
+            user_ids = decode_job(body).user_ids
+        except UndecodableMessage:
+            user_ids = None
+        try:
+            self.handler.record_dead(batch_id, job_id, users, user_ids)
         except TransientError:
             log.warning(
                 "could not record dead job %s in its batch ledger", job_id, extra=_ids(props)

@@ -199,7 +199,9 @@ class JobHandler:
             if n:
                 metrics.RECOMMENDED.labels(label).inc(n)
 
-    def record_dead(self, batch_id: str, job_id: str, users: int) -> None:
+    def record_dead(
+        self, batch_id: str, job_id: str, users: int, user_ids: list[int] | None = None
+    ) -> None:
         """Count a dead-lettered job in its batch ledger (once), finalizing the batch if that
         was its last job. A job already done (its ack was lost, then it reached the delivery
         limit) stays done. Raises TransientError."""
@@ -220,6 +222,10 @@ class JobHandler:
                     client=pipe,
                 )
                 pipe.zadd(self.keys.batches, {batch_id: time.time()})
+                if user_ids:
+                    failed = self.keys.batch_dead_users(batch_id)
+                    pipe.hset(failed, job_id, np.asarray(user_ids, dtype="<i8").tobytes())
+                    pipe.expire(failed, self.settings.batch_ttl_s)
                 outcome = pipe.execute()[0]
         except redis.RedisError as exc:
             raise TransientError(f"Redis unavailable: {exc}") from exc

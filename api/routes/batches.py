@@ -6,8 +6,9 @@ from __future__ import annotations
 import logging
 from typing import Annotated
 
+import numpy as np
 import orjson
-from fastapi import APIRouter, Header, HTTPException, Path, status
+from fastapi import APIRouter, Header, HTTPException, Path, Query, status
 
 from api import metrics
 from api.broker import PublishFailed
@@ -29,6 +30,7 @@ log = logging.getLogger(__name__)
 router = APIRouter(tags=["batches"])
 RETRY_AFTER_S = "5"
 BatchId = Annotated[str, Path(pattern=ID_PATTERN)]
+MAX_FAILED_USERS = 100_000
 
 
 def unique_in_order(user_ids: list[int]) -> list[int]:
@@ -185,7 +187,13 @@ async def seal_batch(batch_id: BatchId, clients: ClientsDep) -> BatchStatus:
 @router.get(
     "/api/batches/{batch_id}", response_model=BatchStatus, responses={404: {"model": Problem}}
 )
-async def get_batch(batch_id: BatchId, clients: ClientsDep) -> BatchStatus:
+async def get_batch(
+    batch_id: BatchId,
+    clients: ClientsDep,
+    failed_users: Annotated[
+        bool, Query(description="also list the users of dead-lettered jobs")
+    ] = False,
+) -> BatchStatus:
     """Progress of a batch: job and user counts, rate, ETA, state and generation state.
 
     A complete batch whose switch has not run yet (its last worker died before it could)
@@ -201,4 +209,9 @@ async def get_batch(batch_id: BatchId, clients: ClientsDep) -> BatchStatus:
         )
         clients.results.generations.invalidate()
         doc = batch_status(batch_id, await clients.redis.hgetall(ledger))
+    if failed_users:
+        packed = await clients.redis.hvals(clients.keys.batch_dead_users(batch_id))
+        users = np.unique(np.frombuffer(b"".join(packed), dtype="<i8"))
+        doc["failed_user_ids"] = users[:MAX_FAILED_USERS].tolist()
+        doc["failed_user_ids_truncated"] = len(users) > MAX_FAILED_USERS
     return BatchStatus(**doc)
