@@ -211,7 +211,8 @@ async def get_batch(
         doc = batch_status(batch_id, await clients.redis.hgetall(ledger))
     if failed_users:
         packed = await clients.redis.hvals(clients.keys.batch_dead_users(batch_id))
-        users = np.unique(np.frombuffer(b"".join(packed), dtype="<i8"))
+        raw = b"".join(p if isinstance(p, bytes) else p.encode() for p in packed)
+        users = np.unique(np.frombuffer(raw, dtype="<i8"))
         doc["failed_user_ids"] = users[:MAX_FAILED_USERS].tolist()
         doc["failed_user_ids_truncated"] = len(users) > MAX_FAILED_USERS
     return BatchStatus(**doc)
