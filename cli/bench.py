@@ -75,19 +75,12 @@ def bench_fleet(
         runs = []
         for _ in range(repeats):
             run_id = new_id()[:8]
-            s = base.model_copy(
-                update={
-                    "jobs_queue": f"bench-{run_id}.jobs",
-                    "dead_letter_queue": f"bench-{run_id}.dlq",
-                    "dead_letter_exchange": f"bench-{run_id}.dlx",
-                    "dead_events_queue": f"bench-{run_id}.dead-events",
-                    "sync_queue": f"bench-{run_id}.sync",
-                    "redis_prefix": f"bench-{run_id}",
-                    "artifacts": artifacts or base.artifacts,
-                    "api_port": base.api_port + 17,
-                    "metrics_port": base.metrics_port + 17,
-                    "log_level": "WARNING",
-                }
+            s = base.isolated(
+                f"bench-{run_id}",
+                artifacts=artifacts or base.artifacts,
+                api_port=base.api_port + 17,
+                metrics_port=base.metrics_port + 17,
+                log_level="WARNING",
             )
             try:
                 with tempfile.TemporaryDirectory(prefix="recfleet-bench-") as logs:

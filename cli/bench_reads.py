@@ -95,18 +95,7 @@ def bench_reads(users: int, duration: int, connections: int, threads: int, as_js
         raise click.ClickException("wrk is not installed (Debian: apt-get install wrk)")
     base = get_settings()
     run_id = new_id()[:8]
-    s = base.model_copy(
-        update={
-            "redis_prefix": f"bench-{run_id}",
-            "jobs_queue": f"bench-{run_id}.jobs",
-            "dead_letter_queue": f"bench-{run_id}.dlq",
-            "dead_letter_exchange": f"bench-{run_id}.dlx",
-            "dead_events_queue": f"bench-{run_id}.dead-events",
-            "sync_queue": f"bench-{run_id}.sync",
-            "api_port": base.api_port + 19,
-            "log_level": "WARNING",
-        }
-    )
+    s = base.isolated(f"bench-{run_id}", api_port=base.api_port + 19, log_level="WARNING")
     try:
         populate(s, users)
         with tempfile.TemporaryDirectory(prefix="recfleet-bench-") as tmp:

@@ -64,6 +64,21 @@ class Settings(BaseSettings):
     log_json: bool = False
     log_level: str = "INFO"
 
+    def isolated(self, name: str, **overrides: object) -> Settings:
+        """A copy whose queues, exchange and Redis prefix all carry ``name``, so that a
+        benchmark or test run touches nothing else (and can delete all it made)."""
+        return self.model_copy(
+            update={
+                "jobs_queue": f"{name}.jobs",
+                "dead_letter_queue": f"{name}.dlq",
+                "dead_letter_exchange": f"{name}.dlx",
+                "dead_events_queue": f"{name}.dead-events",
+                "sync_queue": f"{name}.sync",
+                "redis_prefix": name,
+                **overrides,
+            }
+        )
+
     @model_validator(mode="after")
     def _refuse_default_secrets(self) -> Settings:
         if self.environment != "production":

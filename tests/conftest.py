@@ -7,16 +7,23 @@ uses its own queue names and Redis prefix, and deletes them afterwards.
 from __future__ import annotations
 
 import socket
-from collections.abc import Iterator
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import pika
+import httpx
 import pytest
 import redis
 
+from cli.measure import cleanup
 from shared.messages import new_id
 from shared.settings import Settings
-from shared.topology import queue_names
+
+if TYPE_CHECKING:
+    from worker.consumer import Consumer
+    from worker.handler import JobHandler
 
 
 def free_port() -> int:
@@ -27,37 +34,19 @@ def free_port() -> int:
 
 def make_settings(artifacts: Path, **overrides: object) -> Settings:
     """Settings with private queue names, Redis prefix and ports."""
-    run = new_id()[:10]
     values: dict[str, object] = {
-        "environment": "test",
-        "jobs_queue": f"rftest-{run}.jobs",
-        "dead_letter_queue": f"rftest-{run}.dlq",
-        "dead_letter_exchange": f"rftest-{run}.dlx",
-        "dead_events_queue": f"rftest-{run}.dead-events",
-        "sync_queue": f"rftest-{run}.sync",
-        "redis_prefix": f"rftest-{run}",
         "artifacts": artifacts,
         "api_port": free_port(),
         "metrics_port": free_port(),
         "heartbeat_s": 10,
+        **overrides,
     }
-    values.update(overrides)
-    return Settings(**values)  # type: ignore[arg-type]
+    return Settings(environment="test").isolated(f"rftest-{new_id()[:10]}", **values)
 
 
 def purge(settings: Settings) -> None:
     """Delete the Redis keys and broker objects of one settings object."""
-    client = redis.Redis.from_url(str(settings.redis_url))
-    keys = list(client.scan_iter(match=f"{settings.redis_prefix}:*", count=1000))
-    for i in range(0, len(keys), 1000):
-        client.unlink(*keys[i : i + 1000])
-    client.close()
-    conn = pika.BlockingConnection(pika.URLParameters(str(settings.amqp_url)))
-    channel = conn.channel()
-    for queue in queue_names(settings):
-        channel.queue_delete(queue)
-    channel.exchange_delete(settings.dead_letter_exchange)
-    conn.close()
+    cleanup(settings)
 
 
 @pytest.fixture(scope="session")
@@ -134,3 +123,45 @@ def database_url(services: None) -> Iterator[str]:
             conn.execute(
                 sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
             )
+
+
+@pytest.fixture
+def handler(fleet_settings: Settings) -> Iterator[JobHandler]:
+    """A real job handler: the small artifacts, real Redis."""
+    from worker.handler import JobHandler
+    from worker.models import ModelStore
+
+    client = redis.Redis.from_url(str(fleet_settings.redis_url))
+    models = ModelStore(fleet_settings.artifacts, k=fleet_settings.top_k)
+    yield JobHandler(fleet_settings, models, client)
+    client.close()
+
+
+@pytest.fixture
+def running_consumer(handler: JobHandler, fleet_settings: Settings) -> Iterator[Consumer]:
+    """A real consumer on a thread, consuming from the real broker until the test ends."""
+    from worker.consumer import Consumer
+
+    consumer = Consumer(fleet_settings, handler)
+    thread = threading.Thread(target=consumer.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not consumer.healthy:
+        assert time.monotonic() < deadline, "consumer did not start"
+        time.sleep(0.05)
+    yield consumer
+    consumer.stop()
+    thread.join(timeout=60)
+    assert not thread.is_alive()
+
+
+@pytest.fixture
+async def fleet_api(fleet_settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
+    """The gateway app in-process (real broker and Redis), re-reading generations at once."""
+    from api.app import create_app
+
+    app = create_app(fleet_settings.model_copy(update={"generation_refresh_s": 0.001}))
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as c:
+            yield c

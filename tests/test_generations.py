@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
-
 import httpx
 import pytest
-import redis
 from redis.crc import key_slot
 
-from api.app import create_app
 from shared.generations import (
     GenerationKeys,
     activate,
@@ -22,23 +18,6 @@ from shared.messages import make_jobs
 from shared.settings import Settings
 from shared.store import Keys, new_batch_fields
 from worker.handler import JobHandler
-from worker.models import ModelStore
-
-
-@pytest.fixture
-def handler(fleet_settings: Settings) -> Iterator[JobHandler]:
-    client = redis.Redis.from_url(str(fleet_settings.redis_url))
-    yield JobHandler(fleet_settings, ModelStore(fleet_settings.artifacts, k=10), client)
-    client.close()
-
-
-@pytest.fixture
-async def api(fleet_settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
-    app = create_app(fleet_settings.model_copy(update={"generation_refresh_s": 0.001}))
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as c:
-            yield c
 
 
 def run_batch(handler: JobHandler, batch_id: str, users: list[int], *, last: bool = True) -> None:
@@ -53,53 +32,53 @@ def run_batch(handler: JobHandler, batch_id: str, users: list[int], *, last: boo
 
 
 async def test_readers_see_the_old_generation_until_the_new_one_is_complete(
-    handler: JobHandler, api: httpx.AsyncClient, fleet_settings: Settings
+    handler: JobHandler, fleet_api: httpx.AsyncClient, fleet_settings: Settings
 ) -> None:
     run_batch(handler, "day1", list(range(300)))
-    first = (await api.get("/api/playlist/5")).json()
+    first = (await fleet_api.get("/api/playlist/5")).json()
     assert first["generation"] == "day1"
 
     run_batch(handler, "day2", list(range(300)), last=False)  # two of three jobs done
     for uid in (5, 150, 299):
-        assert (await api.get(f"/api/playlist/{uid}")).json()["generation"] == "day1"
-    status = (await api.get("/api/batches/day2")).json()
+        assert (await fleet_api.get(f"/api/playlist/{uid}")).json()["generation"] == "day1"
+    status = (await fleet_api.get("/api/batches/day2")).json()
     assert status["state"] == "running" and status["gen_state"] == "pending"
 
     (last_job,) = make_jobs("day2", list(range(300)), 100)[2:]
     handler.handle(last_job)
     for uid in (5, 150, 299):
-        assert (await api.get(f"/api/playlist/{uid}")).json()["generation"] == "day2"
-    status = (await api.get("/api/batches/day2")).json()
+        assert (await fleet_api.get(f"/api/playlist/{uid}")).json()["generation"] == "day2"
+    status = (await fleet_api.get("/api/batches/day2")).json()
     assert status["gen_state"] == "active" and status["model_version"]
 
 
 async def test_users_left_out_keep_their_last_result(
-    handler: JobHandler, api: httpx.AsyncClient
+    handler: JobHandler, fleet_api: httpx.AsyncClient
 ) -> None:
     run_batch(handler, "full", list(range(300)))
     run_batch(handler, "partial", list(range(100)))
-    assert (await api.get("/api/playlist/50")).json()["generation"] == "partial"
-    assert (await api.get("/api/playlist/250")).json()["generation"] == "full"
-    assert (await api.get("/api/playlist/999999")).status_code == 404
+    assert (await fleet_api.get("/api/playlist/50")).json()["generation"] == "partial"
+    assert (await fleet_api.get("/api/playlist/250")).json()["generation"] == "full"
+    assert (await fleet_api.get("/api/playlist/999999")).status_code == 404
 
 
 async def test_a_failed_gate_leaves_the_old_generation_current(
-    handler: JobHandler, api: httpx.AsyncClient, fleet_settings: Settings
+    handler: JobHandler, fleet_api: httpx.AsyncClient, fleet_settings: Settings
 ) -> None:
     run_batch(handler, "good", list(range(200)))
     unknown = list(range(10**9, 10**9 + 200))  # every user cold
     run_batch(handler, "cold", unknown)
-    status = (await api.get("/api/batches/cold")).json()
+    status = (await fleet_api.get("/api/batches/cold")).json()
     assert status["state"] == "done" and status["gen_state"] == "rejected"
     assert "cold" in status["gen_reason"]
-    assert (await api.get("/api/playlist/10")).json()["generation"] == "good"
-    assert (await api.get(f"/api/playlist/{10**9}")).status_code == 404
+    assert (await fleet_api.get("/api/playlist/10")).json()["generation"] == "good"
+    assert (await fleet_api.get(f"/api/playlist/{10**9}")).status_code == 404
     keys = Keys(fleet_settings.redis_prefix)
     assert [name for name, _ in history(handler.redis, keys)] == ["good"]
 
 
 async def test_rollback_and_prune(
-    handler: JobHandler, api: httpx.AsyncClient, fleet_settings: Settings
+    handler: JobHandler, fleet_api: httpx.AsyncClient, fleet_settings: Settings
 ) -> None:
     keys = Keys(fleet_settings.redis_prefix)
     for name in ("g1", "g2", "g3"):
@@ -108,26 +87,28 @@ async def test_rollback_and_prune(
 
     assert activate(handler.redis, keys, "g2") == ["g3"]
     assert [n for n, _ in history(handler.redis, keys)] == ["g2", "g1"]
-    assert (await api.get("/api/playlist/7")).json()["generation"] == "g2"
+    assert (await fleet_api.get("/api/playlist/7")).json()["generation"] == "g2"
     assert handler.redis.hget(keys.batch("g3"), "gen_state") == b"retired"
 
     assert prune(handler.redis, keys, keep=1) == ["g1"]
     gen_keys = GenerationKeys(fleet_settings.redis_prefix)
     assert list(handler.redis.scan_iter(match=gen_keys.result_pattern("g1"))) == []
     assert list(handler.redis.scan_iter(match=gen_keys.result_pattern("g2")))
-    assert (await api.get("/api/playlist/7")).json()["generation"] == "g2"
+    assert (await fleet_api.get("/api/playlist/7")).json()["generation"] == "g2"
     with pytest.raises(ValueError, match="no batch"):
         activate(handler.redis, keys, "nope")
 
 
 async def test_open_append_seal_over_http(
-    handler: JobHandler, api: httpx.AsyncClient, fleet_settings: Settings
+    handler: JobHandler, fleet_api: httpx.AsyncClient, fleet_settings: Settings
 ) -> None:
-    batch_id = (await api.post("/api/batches")).json()["batch_id"]
+    batch_id = (await fleet_api.post("/api/batches")).json()["batch_id"]
     for part in (list(range(0, 150)), list(range(150, 250))):
-        resp = await api.post("/beta_recommend", json={"user_ids": part, "batch_id": batch_id})
+        resp = await fleet_api.post(
+            "/beta_recommend", json={"user_ids": part, "batch_id": batch_id}
+        )
         assert resp.status_code == 202 and resp.json()["batch_id"] == batch_id
-    status = (await api.get(f"/api/batches/{batch_id}")).json()
+    status = (await fleet_api.get(f"/api/batches/{batch_id}")).json()
     assert status["sealed"] is False and status["jobs_total"] == 2  # job size 1000
 
     # The workers finish everything before the seal: the seal itself runs the switch.
@@ -136,14 +117,14 @@ async def test_open_append_seal_over_http(
 
     for _, body in _get_all(fleet_settings):
         handler.handle(decode_job(body))
-    assert (await api.get(f"/api/batches/{batch_id}")).json()["state"] == "running"
-    sealed = (await api.post(f"/api/batches/{batch_id}/seal")).json()
+    assert (await fleet_api.get(f"/api/batches/{batch_id}")).json()["state"] == "running"
+    sealed = (await fleet_api.post(f"/api/batches/{batch_id}/seal")).json()
     assert sealed["state"] == "done" and sealed["gen_state"] == "active"
-    assert (await api.get("/api/playlist/200")).json()["generation"] == batch_id
+    assert (await fleet_api.get("/api/playlist/200")).json()["generation"] == batch_id
 
-    late = await api.post("/beta_recommend", json={"user_ids": [1], "batch_id": batch_id})
+    late = await fleet_api.post("/beta_recommend", json={"user_ids": [1], "batch_id": batch_id})
     assert late.status_code == 409
-    missing = await api.post("/beta_recommend", json={"user_ids": [1], "batch_id": "nope"})
+    missing = await fleet_api.post("/beta_recommend", json={"user_ids": [1], "batch_id": "nope"})
     assert missing.status_code == 404
 
 

@@ -3,15 +3,11 @@
 from __future__ import annotations
 
 import shutil
-import threading
-import time
-from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pika
-import pytest
 import redis
 
 from api.app import create_app
@@ -25,37 +21,11 @@ from worker.models import ModelStore
 from worker.ranking import Ranker
 
 
-@pytest.fixture
-def consumer(fleet_settings: Settings) -> Iterator[Consumer]:
-    client = redis.Redis.from_url(str(fleet_settings.redis_url))
-    handler = JobHandler(fleet_settings, ModelStore(fleet_settings.artifacts, k=10), client)
-    worker = Consumer(fleet_settings, handler)
-    thread = threading.Thread(target=worker.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not worker.healthy:
-        assert time.monotonic() < deadline, "consumer did not start"
-        time.sleep(0.05)
-    yield worker
-    worker.stop()
-    thread.join(timeout=60)
-    client.close()
-
-
-@pytest.fixture
-async def api(fleet_settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
-    app = create_app(fleet_settings.model_copy(update={"generation_refresh_s": 0.001}))
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as c:
-            yield c
-
-
 async def test_sync_answers_through_the_fleet_and_writes_results(
-    consumer: Consumer, api: httpx.AsyncClient, fleet_settings: Settings
+    running_consumer: Consumer, fleet_api: httpx.AsyncClient, fleet_settings: Settings
 ) -> None:
     users = [3, 1, 4, 10**15]
-    resp = await api.post("/api/playlist/recommend/", json={"user_ids": [*users, 3]})
+    resp = await fleet_api.post("/api/playlist/recommend/", json={"user_ids": [*users, 3]})
     assert resp.status_code == 200, resp.text
     answer = resp.json()
     assert [row["user_id"] for row in answer] == users
@@ -64,12 +34,12 @@ async def test_sync_answers_through_the_fleet_and_writes_results(
     direct = Ranker.from_artifacts(art, k=10).rank(art.user_rows(np.array(users)))
     for row, ranked in zip(answer, direct.playlists, strict=True):
         assert row["playlists"] == art.playlist_ids[ranked[ranked >= 0]].tolist()
-    stored = (await api.get("/api/playlist/4")).json()
+    stored = (await fleet_api.get("/api/playlist/4")).json()
     assert stored["playlists"] == answer[2]["playlists"] and stored["generation"] == "live"
 
 
 async def test_sync_requests_go_ahead_of_queued_batch_jobs(
-    consumer: Consumer, api: httpx.AsyncClient, fleet_settings: Settings
+    running_consumer: Consumer, fleet_api: httpx.AsyncClient, fleet_settings: Settings
 ) -> None:
     keys = Keys(fleet_settings.redis_prefix)
     jobs = make_jobs("backlog", list(range(6000)) * 10, 1000)  # 60 jobs
@@ -83,7 +53,7 @@ async def test_sync_requests_go_ahead_of_queued_batch_jobs(
         channel.basic_publish("", fleet_settings.jobs_queue, job.encode())
     conn.close()
 
-    resp = await api.post("/api/playlist/recommend/", json={"user_ids": [7]})
+    resp = await fleet_api.post("/api/playlist/recommend/", json={"user_ids": [7]})
     assert resp.status_code == 200
     done = int(client.hget(keys.batch("backlog"), "jobs_done") or 0)
     client.close()

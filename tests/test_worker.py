@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import threading
 import time
-from collections.abc import Iterator
 
 import numpy as np
 import pika
-import pytest
 import redis
 
 from shared.artifacts import load_artifacts
@@ -19,16 +16,7 @@ from shared.store import Keys, decode_result, new_batch_fields
 from shared.topology import HEADER_BATCH_ID, HEADER_USERS
 from worker.consumer import Consumer, declare_topology
 from worker.handler import JobHandler
-from worker.models import ModelStore
 from worker.ranking import Ranker
-
-
-@pytest.fixture
-def handler(fleet_settings: Settings) -> Iterator[JobHandler]:
-    client = redis.Redis.from_url(str(fleet_settings.redis_url))
-    models = ModelStore(fleet_settings.artifacts, k=fleet_settings.top_k)
-    yield JobHandler(fleet_settings, models, client)
-    client.close()
 
 
 def _snapshot(client: redis.Redis, prefix: str) -> dict[bytes, object]:
@@ -81,21 +69,6 @@ def test_a_redelivered_job_changes_nothing(handler: JobHandler, fleet_settings: 
     assert _snapshot(handler.redis, fleet_settings.redis_prefix) == before
     ledger = handler.redis.hgetall(keys.batch("b2"))
     assert ledger[b"jobs_done"] == b"2" and ledger[b"users_done"] == b"1500"
-
-
-@pytest.fixture
-def running_consumer(handler: JobHandler, fleet_settings: Settings) -> Iterator[Consumer]:
-    consumer = Consumer(fleet_settings, handler)
-    thread = threading.Thread(target=consumer.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not consumer.healthy:
-        assert time.monotonic() < deadline, "consumer did not start"
-        time.sleep(0.05)
-    yield consumer
-    consumer.stop()
-    thread.join(timeout=30)
-    assert not thread.is_alive()
 
 
 def _wait_for(predicate, timeout: float = 30) -> None:  # type: ignore[no-untyped-def]
