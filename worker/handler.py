@@ -33,9 +33,10 @@ MAX_PINS = 4096
 # A job counted dead that finishes after all (replayed from the dead-letter queue, or
 # finished by a worker that lost its connection while the broker dead-lettered it) is
 # no longer dead: uncount it, so the ledger counts every job once, done or dead.
-# KEYS: ledger, dead set. ARGV: job id, users.
+# KEYS: ledger, dead set, dead users. ARGV: job id, users.
 REVIVE_SCRIPT = """
 if redis.call('SREM', KEYS[2], ARGV[1]) == 0 then return 0 end
+redis.call('HDEL', KEYS[3], ARGV[1])
 redis.call('HINCRBY', KEYS[1], 'jobs_dead', -1)
 redis.call('HINCRBY', KEYS[1], 'users_dead', -tonumber(ARGV[2]))
 return 1
@@ -153,7 +154,11 @@ class JobHandler:
                     pipe.hset(key, mapping=mapping)  # type: ignore[arg-type]
                 pipe.hset(self.keys.models, str(model.tag), model.version)
                 self._revive(
-                    keys=[self.keys.batch(job.batch_id), self.keys.batch_dead(job.batch_id)],
+                    keys=[
+                        self.keys.batch(job.batch_id),
+                        self.keys.batch_dead(job.batch_id),
+                        self.keys.batch_dead_users(job.batch_id),
+                    ],
                     args=[job.job_id, len(user_ids)],
                     client=pipe,
                 )

@@ -1,0 +1,68 @@
+"""Redis dies mid-batch and comes back with what it acknowledged (append-only file)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from shared.settings import Settings
+from tests.faults import (
+    BATCH_USERS,
+    Fleet,
+    assert_invariant,
+    check_invariant,
+    post_batch,
+    report,
+    submit_batches,
+    wait_complete,
+    wait_fraction,
+    wait_until,
+)
+from tests.faults.conftest import PrivateRedis
+
+pytestmark = pytest.mark.faults
+OUTAGE_S = 3.0
+
+
+def test_redis_killed_and_restarted_mid_batch(
+    fault_settings: Settings, private_redis: PrivateRedis, tmp_path: Path
+) -> None:
+    with Fleet(fault_settings, tmp_path) as fleet:
+        fleet.start_gateway()
+        fleet.start_workers()
+        batches = submit_batches(fleet.base_url, 25)
+        at_kill = wait_fraction(fault_settings, list(batches), 0.1)
+        private_redis.kill()
+        killed = time.monotonic()
+        wait_until(lambda: not fleet.ready(), 30, "the gateway to report not ready")
+        refused = post_batch(fleet.base_url, BATCH_USERS)
+        status = httpx.get(f"{fleet.base_url}/api/batches/{next(iter(batches))}", timeout=10)
+        # Workers hold their jobs and retry in place meanwhile.
+        time.sleep(max(0.0, OUTAGE_S - (time.monotonic() - killed)))
+        private_redis.start()
+        wait_until(fleet.ready, 60, "the gateway to be ready again")
+        wait_complete(fault_settings, list(batches), timeout=120)
+        redelivered = fleet.redeliveries()
+        requeued = fleet.metric('recfleet_worker_jobs_total{outcome="requeued"}')
+    tally = check_invariant(fault_settings, batches)
+    report(
+        "Redis kill -9 + restart",
+        users=tally.users + len(BATCH_USERS),
+        accepted=tally.users,
+        results=tally.results,
+        lost=tally.lost,
+        dlq=tally.dlq,
+        redelivered=redelivered,
+        requeued=int(requeued),
+        outage_s=OUTAGE_S,
+        refused_while_down=len(BATCH_USERS),
+    )
+    for resp in (refused, status):
+        assert resp.status_code == 503, resp.text
+        assert int(resp.headers["Retry-After"]) > 0
+    assert at_kill.users_finished < at_kill.users_total
+    assert_invariant(tally)
+    assert tally.dlq == 0
