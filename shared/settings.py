@@ -67,8 +67,10 @@ class Settings(BaseSettings):
     def isolated(self, name: str, **overrides: object) -> Settings:
         """A copy whose queues, exchange and Redis prefix all carry ``name``, so that a
         benchmark or test run touches nothing else (and can delete all it made)."""
-        return self.model_copy(
-            update={
+        # Validated (unlike model_copy), so overrides may be given as plain strings.
+        return type(self).model_validate(
+            {
+                **self.model_dump(),
                 "jobs_queue": f"{name}.jobs",
                 "dead_letter_queue": f"{name}.dlq",
                 "dead_letter_exchange": f"{name}.dlx",
