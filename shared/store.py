@@ -2,9 +2,10 @@
 
 Keys (``P`` is the configured prefix, ``rf`` by default)::
 
-    P:r:<bucket>            hash, field = user id (decimal), value = packed result;
-                            bucket = user_id >> BUCKET_BITS, so each hash stays small
-                            and keeps Redis's compact listpack encoding
+    P:r:<gen>:<bucket>      hash of one generation's results (see shared.generations):
+                            bucket = user_id >> BUCKET_BITS, field = the low bits of the
+                            id, value = packed result; small hashes keep Redis's compact
+                            listpack encoding
     P:models                hash, model tag (decimal) -> model version string
     P:b:{<batch_id>}        hash, the batch ledger: totals, counts, timestamps
     P:b:{<batch_id>}:done   set of finished job ids (makes progress idempotent)
@@ -46,9 +47,6 @@ class Keys:
     """Key names under one prefix."""
 
     prefix: str
-
-    def bucket_of(self, user_id: int) -> str:
-        return f"{self.prefix}:r:{user_id >> BUCKET_BITS}"
 
     @property
     def models(self) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from shared.generations import GenerationKeys
 from shared.store import Keys, batch_status, decode_result, encode_results, model_tag
 
 
@@ -32,7 +33,9 @@ def test_encoding_is_deterministic() -> None:
 def test_keys_keep_a_batch_in_one_slot_and_spread_results() -> None:
     keys = Keys("rf")
     assert keys.batch("abc").endswith("{abc}") and "{abc}" in keys.batch_done("abc")
-    assert keys.bucket_of(0) == keys.bucket_of(127) != keys.bucket_of(128)
+    gen = GenerationKeys("rf")
+    assert gen.result_bucket("g", 0) == gen.result_bucket("g", 127) != gen.result_bucket("g", 128)
+    assert gen.result_field(127) == 127 and gen.result_field(128) == 0
 
 
 def test_batch_state_machine() -> None:
