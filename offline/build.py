@@ -30,10 +30,12 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors.numpy import save_file
+from threadpoolctl import threadpool_limits
 
 from offline import evaluate
 from offline.bpr import BPRConfig, TrainingData, check_triplets, train_bpr
-from offline.pairing import PairingConfig, pair_users, popularity_rank
+from offline.candidates import popularity_rank
+from offline.pairing import PairingConfig, pair_users
 from offline.synthetic import SyntheticConfig, generate
 from shared.artifacts import (
     EMBEDDINGS,
@@ -52,12 +54,13 @@ MAX_EVAL_USERS = 100_000
 
 
 @contextlib.contextmanager
-def _torch_threads(n: int) -> Iterator[None]:
-    """Run a block with ``n`` torch threads, then restore the caller's setting."""
+def _single_threaded_math() -> Iterator[None]:
+    """Run a block with one torch and one BLAS thread, then restore the caller's setting."""
     before = torch.get_num_threads()
-    torch.set_num_threads(n)
+    torch.set_num_threads(1)
     try:
-        yield
+        with threadpool_limits(1):
+            yield
     finally:
         torch.set_num_threads(before)
 
@@ -128,7 +131,9 @@ def _build_into(
     clock = _Stopwatch()
     synth_cfg, pair_cfg = SyntheticConfig(), PairingConfig()
     bpr_cfg = BPRConfig(dim=dim, epochs=epochs)
-    threads = max(1, min(os.cpu_count() or 1, 8))
+    # Math runs on one thread throughout (see build_artifacts); only the candidate blocks,
+    # scipy sparse products that release the GIL, run on a second thread.
+    threads = max(1, min(os.cpu_count() or 1, 2))
     with clock.stage("synthetic"):
         interactions, truth = generate(n_users, n_playlists, seed, synth_cfg)
         split = evaluate.split_holdout(
@@ -138,11 +143,10 @@ def _build_into(
             np.random.default_rng([seed, 1]),
         )
         popularity = np.bincount(split.train.indices, minlength=n_playlists).astype(np.int64)
-    with _torch_threads(threads):
-        indptr, indices, pair_timings = pair_users(split.train, popularity, seed, pair_cfg, threads)
+    indptr, indices, pair_timings = pair_users(split.train, popularity, seed, pair_cfg, threads)
     for name, seconds in pair_timings.items():
         clock.add(name, seconds)
-    with clock.stage("bpr"), _torch_threads(1):
+    with clock.stage("bpr"):
         coo = split.train.tocoo()
         data = TrainingData(
             users=coo.row.astype(np.int32),
@@ -154,7 +158,7 @@ def _build_into(
             triplets=triplets,
         )
         user_emb, playlist_emb, train_stats = train_bpr(data, bpr_cfg, seed)
-    with clock.stage("evaluate"), _torch_threads(threads):
+    with clock.stage("evaluate"):
         scorers = {
             "bpr": evaluate.bpr_scorer(user_emb, playlist_emb),
             "popularity": evaluate.popularity_scorer(popularity),
@@ -246,7 +250,14 @@ def build_artifacts(
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.building-", dir=out.parent))
     try:
         start = time.perf_counter()
-        manifest = _build_into(tmp, n_users, n_playlists, seed, dim, epochs, triplets, feedback_sha)
+        # One math thread: the work is many small ops (index_select, index_add_, 32-wide
+        # matmuls) where a thread team costs more than it gains; on the 2-core machine
+        # shared with other jobs, two threads made the kNN 5x and the SVD 3x slower.
+        # One thread is also deterministic.
+        with _single_threaded_math():
+            manifest = _build_into(
+                tmp, n_users, n_playlists, seed, dim, epochs, triplets, feedback_sha
+            )
         manifest["timings"]["total"] = round(time.perf_counter() - start, 3)
         manifest = write_manifest(tmp, manifest)
         load_artifacts(tmp)

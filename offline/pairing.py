@@ -1,4 +1,4 @@
-"""User pairing: cosine kNN between users, and each user's candidate playlists.
+"""User pairing: cosine kNN between users, then each user's candidate playlists.
 
 Exact cosine kNN over the sparse user×playlist matrix costs the sum over playlists of
 their squared user counts — about 10^10 multiply-adds for 200 000 users with power-law
@@ -10,27 +10,25 @@ popularity, and 25 times that for a million — so it is approximated in two ste
    on the synthetic data it finds candidate lists with a higher hit rate than exact kNN.
 2. An inverted-file index: spherical k-means splits users into cells of about
    ``cell_size``; the users of each cell are compared (dense matmul) with the users of the
-   cells nearest to its centroid, as many as it takes to reach ``pool_size`` users (the
-   cells are uneven: dense regions of taste make big ones). With one cell it is exact.
+   cells nearest to its centroid, as many as it takes to reach ``pool_size`` users. Dense
+   regions of taste make cells ten times the median size, so oversized cells are split
+   again. With one cell the search is exact.
 
-Candidates of a user are the playlists their neighbours have, minus the ones the user
-already has (held-out positives stay reachable because training rows never contain them),
-ranked by how many neighbours have them, ties broken by popularity, at most
-``max_candidates``. Rows shorter than ``min_candidates`` are padded with the most popular
-playlists the user has not seen; only a catalogue too small for that adds seen ones.
+Candidate lists are built from the neighbours by ``offline.candidates``.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 import scipy.sparse as sp
 import torch
 from sklearn.utils.extmath import randomized_svd
+
+from offline.candidates import build_candidates
 
 logger = logging.getLogger("offline")
 
@@ -42,7 +40,7 @@ class PairingConfig:
     rank: int = 32
     neighbours: int = 50
     cell_size: int = 1000
-    pool_size: int = 4000
+    pool_size: int = 2000
     min_candidates: int = 20
     max_candidates: int = 100
 
@@ -147,7 +145,7 @@ def _probe_lists(centroids: torch.Tensor, sizes: torch.Tensor, pool_size: int) -
 
 
 def nearest_neighbours(
-    emb: np.ndarray, k: int, seed: int, *, cell_size: int = 1000, pool_size: int = 4000
+    emb: np.ndarray, k: int, seed: int, *, cell_size: int = 1000, pool_size: int = 2000
 ) -> np.ndarray:
     """int32 [n_users, k] neighbour rows by cosine of ``emb`` (IVF search); -1 pads."""
     emb_t = torch.from_numpy(emb)
@@ -167,110 +165,6 @@ def nearest_neighbours(
     return result
 
 
-def popularity_rank(popularity: np.ndarray) -> np.ndarray:
-    """Playlist rows, most popular first; ties by row, so the order is deterministic."""
-    return np.argsort(-popularity, kind="stable")
-
-
-def _chunk_candidates(
-    matrix: sp.csr_matrix,
-    neighbours: np.ndarray,
-    first_row: int,
-    by_rank: np.ndarray,
-    rank_of: np.ndarray,
-    max_candidates: int,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Candidate lengths and rows for users ``first_row ..`` (one block of neighbours)."""
-    n_rows, k = neighbours.shape
-    own = np.arange(first_row, first_row + n_rows, dtype=np.int64)
-    valid = neighbours >= 0
-    # Votes from neighbours; the user's own row with weight -(k+1) makes seen playlists negative.
-    cols = np.concatenate([neighbours[valid].astype(np.int64), own])
-    rows = np.concatenate([np.nonzero(valid)[0], np.arange(n_rows)])
-    vals = np.concatenate([np.ones(int(valid.sum()), np.float32), np.full(n_rows, -k - 1.0)])
-    adjacency = sp.csr_matrix((vals, (rows, cols)), shape=(n_rows, matrix.shape[0]))
-    votes = (adjacency @ matrix).tocoo()
-    keep = votes.data > 0
-    row, col = votes.row[keep].astype(np.int64), votes.col[keep]
-    vote = votes.data[keep].astype(np.int64)
-    # One int64 sort key: row, then more votes first, then more popular first.
-    rank_bits = max(1, int(len(by_rank) - 1).bit_length())
-    vote_bits = int(k + 1).bit_length()
-    key = (row << (rank_bits + vote_bits)) | ((k - vote) << rank_bits) | rank_of[col]
-    key.sort()
-    row = key >> (rank_bits + vote_bits)
-    starts = np.searchsorted(row, np.arange(n_rows))
-    within = np.arange(len(key)) - starts[row]
-    chosen = within < max_candidates
-    lengths = np.bincount(row[chosen], minlength=n_rows)
-    return lengths, by_rank[key[chosen] & ((1 << rank_bits) - 1)].astype(np.int32)
-
-
-def _pad_short_rows(
-    indptr: np.ndarray,
-    indices: np.ndarray,
-    matrix: sp.csr_matrix,
-    by_rank: np.ndarray,
-    min_candidates: int,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Pad rows shorter than ``min_candidates`` from popularity (unseen first)."""
-    lengths = np.diff(indptr)
-    short = np.flatnonzero(lengths < min(min_candidates, len(by_rank)))
-    if len(short) == 0:
-        return indptr, indices
-    rows = np.split(indices, indptr[1:-1])
-    for user in short:
-        have = set(rows[user].tolist())
-        seen = set(matrix.indices[matrix.indptr[user] : matrix.indptr[user + 1]].tolist())
-        need = min_candidates - len(have)
-        excluded = have | seen
-        unseen = [p for p in by_rank[: need + len(excluded)].tolist() if p not in excluded]
-        extra = unseen[:need]
-        if len(extra) < need:  # tiny catalogue: seen playlists are all that is left
-            rest = [p for p in by_rank.tolist() if p not in have and p not in extra]
-            extra += rest[: need - len(extra)]
-        rows[user] = np.concatenate([rows[user], np.asarray(extra, dtype=np.int32)])
-    logger.info("pairing: padded %d of %d users from popularity", len(short), len(lengths))
-    new_indptr = np.zeros(len(indptr), dtype=np.int64)
-    np.cumsum([len(r) for r in rows], out=new_indptr[1:])
-    return new_indptr, np.concatenate(rows).astype(np.int32)
-
-
-def build_candidates(
-    matrix: sp.csr_matrix,
-    neighbours: np.ndarray,
-    popularity: np.ndarray,
-    *,
-    min_candidates: int = 20,
-    max_candidates: int = 100,
-    block: int = 8192,
-    threads: int = 1,
-) -> tuple[np.ndarray, np.ndarray]:
-    """CSR (indptr int64, indices int32) of candidate playlist rows for every user row.
-
-    Blocks of users run on ``threads`` threads (scipy's sparse product releases the GIL).
-    """
-    by_rank = popularity_rank(popularity)
-    rank_of = np.empty(len(by_rank), dtype=np.int64)
-    rank_of[by_rank] = np.arange(len(by_rank))
-    matrix = matrix.astype(np.float32)
-    starts = range(0, matrix.shape[0], block)
-    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
-        parts = list(
-            pool.map(
-                lambda s: _chunk_candidates(
-                    matrix, neighbours[s : s + block], s, by_rank, rank_of, max_candidates
-                ),
-                starts,
-            )
-        )
-    lengths = np.concatenate([p[0] for p in parts]) if parts else np.zeros(0, np.int64)
-    indptr = np.zeros(matrix.shape[0] + 1, dtype=np.int64)
-    np.cumsum(lengths, out=indptr[1:])
-    indices = np.concatenate([p[1] for p in parts]) if parts else np.zeros(0, np.int32)
-    return _pad_short_rows(indptr, indices, matrix, by_rank, min_candidates)
-
-
 def pair_users(
     matrix: sp.csr_matrix, popularity: np.ndarray, seed: int, config: PairingConfig, threads: int
 ) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
@@ -280,14 +174,18 @@ def pair_users(
     """
     timings: dict[str, float] = {}
     start = time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal start
+        timings[name] = time.perf_counter() - start
+        start = time.perf_counter()
+
     emb = user_embeddings(matrix, config.rank, seed)
-    timings["pairing_svd"] = time.perf_counter() - start
-    start = time.perf_counter()
+    lap("pairing_svd")
     neighbours = nearest_neighbours(
         emb, config.neighbours, seed, cell_size=config.cell_size, pool_size=config.pool_size
     )
-    timings["pairing_knn"] = time.perf_counter() - start
-    start = time.perf_counter()
+    lap("pairing_knn")
     indptr, indices = build_candidates(
         matrix,
         neighbours,
@@ -296,5 +194,5 @@ def pair_users(
         max_candidates=config.max_candidates,
         threads=threads,
     )
-    timings["pairing_candidates"] = time.perf_counter() - start
+    lap("pairing_candidates")
     return indptr, indices, timings
