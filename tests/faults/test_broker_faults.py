@@ -253,3 +253,34 @@ def test_network_cut_and_black_hole_between_worker_and_broker(
     assert cut >= 4 and holed >= 2
     assert_invariant(tally)
     assert tally.dlq == 0
+
+
+def test_broker_silent_to_the_gateway_gets_503_never_202(
+    fault_settings: Settings, proxy: TcpProxy, tmp_path: Path
+) -> None:
+    gateway = fault_settings.model_copy(update={"amqp_url": via(proxy), "publish_timeout_s": 2.0})
+    with Fleet(gateway, tmp_path, worker_settings=fault_settings) as fleet:
+        fleet.start_gateway()
+        fleet.start_workers()
+        proxy.black_hole()  # the gateway's publishes and their confirms vanish
+        started = time.monotonic()
+        refused = post_batch(fleet.base_url, BATCH_USERS)
+        waited_s = time.monotonic() - started
+        assert_refused(refused)
+        assert "did not confirm in time" in refused.json()["detail"]
+        proxy.cut()  # the connection dies; aio-pika's robust connection comes back
+        wait_until(fleet.ready, 60, "the gateway to reconnect")
+        batches = submit_batches(fleet.base_url, 2)
+        wait_complete(fault_settings, list(batches))
+    tally = check_invariant(fault_settings, batches)
+    report(
+        "broker silent to the gateway",
+        users=tally.users + len(BATCH_USERS),
+        accepted=tally.users,
+        results=tally.results,
+        lost=tally.lost,
+        dlq=tally.dlq,
+        refused_unconfirmed=len(BATCH_USERS),
+        waited_s=f"{waited_s:.1f}",
+    )
+    assert_invariant(tally)
