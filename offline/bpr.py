@@ -18,9 +18,12 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
+
+from shared.artifacts import sha256_file
 
 logger = logging.getLogger("offline")
 
@@ -202,3 +205,27 @@ def check_triplets(triplets: np.ndarray, n_users: int, n_playlists: int) -> None
         raise ValueError(f"feedback triplets name users outside 0..{n_users - 1}")
     if triplets[:, 1:].min() < 0 or triplets[:, 1:].max() >= n_playlists:
         raise ValueError(f"feedback triplets name playlists outside 0..{n_playlists - 1}")
+
+
+@dataclass(frozen=True)
+class Feedback:
+    """Training triplets (int64 [n, 3]: user, liked, shown but ignored) and their file's hash."""
+
+    triplets: np.ndarray
+    sha256: str | None
+
+
+def load_feedback(path: Path | None, n_users: int, n_playlists: int) -> Feedback:
+    """Read feedback triplets from a .npy file; none when ``path`` is None.
+
+    Raises ValueError naming the file if it is unreadable, mis-shaped or out of range.
+    """
+    if path is None:
+        return Feedback(np.zeros((0, 3), dtype=np.int64), None)
+    try:
+        triplets = np.load(path, allow_pickle=False)
+        check_triplets(triplets, n_users, n_playlists)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{path}: not usable feedback triplets ({exc})") from exc
+    logger.info("feedback: %d triplets from %s", len(triplets), path)
+    return Feedback(np.ascontiguousarray(triplets, dtype=np.int64), sha256_file(path))

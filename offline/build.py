@@ -33,10 +33,10 @@ from safetensors.numpy import save_file
 from threadpoolctl import threadpool_limits
 
 from offline import evaluate
-from offline.bpr import BPRConfig, TrainingData, check_triplets, train_bpr
+from offline.bpr import BPRConfig, Feedback, TrainingData, load_feedback, train_bpr
 from offline.candidates import popularity_rank
 from offline.pairing import PairingConfig, pair_users
-from offline.synthetic import SyntheticConfig, generate
+from offline.synthetic import SyntheticConfig, SyntheticTruth, generate
 from shared.artifacts import (
     EMBEDDINGS,
     MANIFEST,
@@ -82,30 +82,19 @@ class _Stopwatch:
         logger.info("stage %s: %.2fs", name, seconds)
 
 
-def load_feedback(path: Path | None, n_users: int, n_playlists: int) -> np.ndarray:
-    """Training triplets from a .npy file (int [n, 3]: user, liked, shown but ignored).
-
-    Raises ValueError naming the file if it is unreadable, mis-shaped or out of range.
-    """
-    if path is None:
-        return np.zeros((0, 3), dtype=np.int64)
-    try:
-        triplets = np.load(path, allow_pickle=False)
-        check_triplets(triplets, n_users, n_playlists)
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"{path}: not usable feedback triplets ({exc})") from exc
-    logger.info("feedback: %d triplets from %s", len(triplets), path)
-    return np.ascontiguousarray(triplets, dtype=np.int64)
-
-
 def _model_version(params: dict[str, Any], created: datetime) -> str:
     digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:10]
     return f"bpr-{created:%Y%m%d}-{digest}"
 
 
 def _write_arrays(
-    tmp: Path, user_emb: np.ndarray, playlist_emb: np.ndarray, arrays: dict[str, np.ndarray]
+    tmp: Path,
+    user_emb: np.ndarray,
+    playlist_emb: np.ndarray,
+    candidates: tuple[np.ndarray, np.ndarray],
+    popularity: np.ndarray,
 ) -> None:
+    """Every file of the format except the manifest (ids are identity ranges)."""
     save_file(
         {
             "user": np.ascontiguousarray(user_emb, dtype=np.float32),
@@ -113,51 +102,69 @@ def _write_arrays(
         },
         str(tmp / EMBEDDINGS),
     )
+    arrays: dict[str, np.ndarray] = {
+        "candidates_indptr": candidates[0].astype(np.int64),
+        "candidates_indices": candidates[1].astype(np.int32),
+        "user_ids": np.arange(len(user_emb), dtype=np.int64),
+        "playlist_ids": np.arange(len(playlist_emb), dtype=np.int64),
+        "playlist_popularity": popularity.astype(np.int64),
+        "fallback": popularity_rank(popularity)[:N_FALLBACK].astype(np.int32),
+    }
     for key, name in NPY_FILES.items():
         np.save(tmp / name, arrays[key], allow_pickle=False)
 
 
-def _build_into(
-    tmp: Path,
-    n_users: int,
-    n_playlists: int,
-    seed: int,
-    dim: int,
-    epochs: int | None,
+def _synthetic_split(
+    n_users: int, n_playlists: int, seed: int, config: SyntheticConfig
+) -> tuple[SyntheticTruth, evaluate.Split, int]:
+    """Ground truth, the train/held-out split of its interactions, and their count."""
+    interactions, truth = generate(n_users, n_playlists, seed, config)
+    rng = np.random.default_rng([seed, 1])
+    split = evaluate.split_holdout(
+        interactions.users, interactions.playlists, (n_users, n_playlists), rng
+    )
+    return truth, split, len(interactions.users)
+
+
+def _train(
+    split: evaluate.Split,
+    candidates: tuple[np.ndarray, np.ndarray],
     triplets: np.ndarray,
-    feedback_sha: str | None,
+    config: BPRConfig,
+    seed: int,
+) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
+    coo = split.train.tocoo()
+    data = TrainingData(
+        users=coo.row.astype(np.int32),
+        playlists=coo.col.astype(np.int32),
+        n_users=split.train.shape[0],
+        n_playlists=split.train.shape[1],
+        cand_indptr=candidates[0],
+        cand_indices=candidates[1],
+        triplets=triplets,
+    )
+    return train_bpr(data, config, seed)
+
+
+def _build_into(
+    tmp: Path, n_users: int, n_playlists: int, seed: int, bpr_cfg: BPRConfig, feedback: Feedback
 ) -> dict[str, Any]:
     """Every stage, writing into ``tmp``; returns the manifest (without checksums)."""
     clock = _Stopwatch()
     synth_cfg, pair_cfg = SyntheticConfig(), PairingConfig()
-    bpr_cfg = BPRConfig(dim=dim, epochs=epochs)
     # Math runs on one thread throughout (see build_artifacts); only the candidate blocks,
     # scipy sparse products that release the GIL, run on a second thread.
     threads = max(1, min(os.cpu_count() or 1, 2))
     with clock.stage("synthetic"):
-        interactions, truth = generate(n_users, n_playlists, seed, synth_cfg)
-        split = evaluate.split_holdout(
-            interactions.users,
-            interactions.playlists,
-            (n_users, n_playlists),
-            np.random.default_rng([seed, 1]),
-        )
-        popularity = np.bincount(split.train.indices, minlength=n_playlists).astype(np.int64)
+        truth, split, n_interactions = _synthetic_split(n_users, n_playlists, seed, synth_cfg)
+        popularity = np.bincount(split.train.indices, minlength=n_playlists)
     indptr, indices, pair_timings = pair_users(split.train, popularity, seed, pair_cfg, threads)
     for name, seconds in pair_timings.items():
         clock.add(name, seconds)
     with clock.stage("bpr"):
-        coo = split.train.tocoo()
-        data = TrainingData(
-            users=coo.row.astype(np.int32),
-            playlists=coo.col.astype(np.int32),
-            n_users=n_users,
-            n_playlists=n_playlists,
-            cand_indptr=indptr,
-            cand_indices=indices,
-            triplets=triplets,
+        user_emb, playlist_emb, train_stats = _train(
+            split, (indptr, indices), feedback.triplets, bpr_cfg, seed
         )
-        user_emb, playlist_emb, train_stats = train_bpr(data, bpr_cfg, seed)
     with clock.stage("evaluate"):
         scorers = {
             "bpr": evaluate.bpr_scorer(user_emb, playlist_emb),
@@ -169,36 +176,22 @@ def _build_into(
         )
     logger.info("metrics: %s", json.dumps(metrics))
     with clock.stage("write"):
-        ids = {
-            "user_ids": np.arange(n_users, dtype=np.int64),
-            "playlist_ids": np.arange(n_playlists, dtype=np.int64),
-        }
-        arrays: dict[str, np.ndarray] = {
-            "candidates_indptr": indptr.astype(np.int64),
-            "candidates_indices": indices.astype(np.int32),
-            "playlist_popularity": popularity,
-            "fallback": popularity_rank(popularity)[:N_FALLBACK].astype(np.int32),
-            **ids,
-        }
-        _write_arrays(tmp, user_emb, playlist_emb, arrays)
+        _write_arrays(tmp, user_emb, playlist_emb, (indptr, indices), popularity)
         truth.save(tmp / TRUTH_FILE)
     params = {
         "seed": seed,
-        "n_users": n_users,
-        "n_playlists": n_playlists,
         "synthetic": asdict(synth_cfg),
         "pairing": asdict(pair_cfg),
         "bpr": asdict(bpr_cfg),
-        "feedback": {"triplets": len(triplets), "sha256": feedback_sha},
+        "feedback": {"triplets": len(feedback.triplets), "sha256": feedback.sha256},
     }
+    sizes = {"n_users": n_users, "n_playlists": n_playlists, "dim": bpr_cfg.dim}
     created = datetime.now(UTC)
     return {
-        "model_version": _model_version(params, created),
+        **sizes,
+        "model_version": _model_version({**params, **sizes}, created),
         "created_at": created.isoformat(timespec="seconds"),
-        "n_users": n_users,
-        "n_playlists": n_playlists,
-        "dim": dim,
-        "n_interactions": len(interactions.users),
+        "n_interactions": n_interactions,
         "params": params,
         "training": train_stats,
         "metrics": metrics,
@@ -245,7 +238,6 @@ def build_artifacts(
         )
     out = Path(out)
     triplets = load_feedback(feedback, n_users, n_playlists)
-    feedback_sha = sha256_file(feedback) if feedback is not None else None
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.building-", dir=out.parent))
     try:
@@ -255,9 +247,8 @@ def build_artifacts(
         # shared with other jobs, two threads made the kNN 5x and the SVD 3x slower.
         # One thread is also deterministic.
         with _single_threaded_math():
-            manifest = _build_into(
-                tmp, n_users, n_playlists, seed, dim, epochs, triplets, feedback_sha
-            )
+            bpr_cfg = BPRConfig(dim=dim, epochs=epochs)
+            manifest = _build_into(tmp, n_users, n_playlists, seed, bpr_cfg, triplets)
         manifest["timings"]["total"] = round(time.perf_counter() - start, 3)
         manifest = write_manifest(tmp, manifest)
         load_artifacts(tmp)

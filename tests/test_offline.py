@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import shutil
 from pathlib import Path
@@ -9,8 +10,10 @@ from typing import Any
 
 import numpy as np
 import pytest
+import scipy.sparse as sp
 
 from offline.build import TRUTH_FILE, build_artifacts
+from offline.candidates import build_candidates
 from offline.evaluate import expected_ranks, rank_metrics, split_holdout
 from offline.pairing import nearest_neighbours
 from offline.synthetic import SyntheticTruth, generate, preference
@@ -220,3 +223,27 @@ def test_ties_count_half_and_absent_targets_miss() -> None:
     assert ranks[0] == 1.0 and np.isinf(ranks[1])
     assert rank_metrics(ranks)["hit@1"] == 0.0
     assert rank_metrics(ranks)["mrr"] == pytest.approx(0.25)
+
+
+def _rows(indptr: np.ndarray, indices: np.ndarray) -> list[list[int]]:
+    return [indices[a:b].tolist() for a, b in itertools.pairwise(indptr)]
+
+
+def test_candidates_rank_by_votes_exclude_seen_and_pad_from_popularity() -> None:
+    seen = [[0, 1], [0, 2, 3], [2, 3, 4], [5], []]
+    rows = [u for u, items in enumerate(seen) for _ in items]
+    cols = [p for items in seen for p in items]
+    matrix = sp.csr_matrix((np.ones(len(rows), np.float32), (rows, cols)), shape=(5, 30))
+    neighbours = np.array([[1, 2], [2, -1], [1, 0], [-1, -1], [0, 1]], dtype=np.int32)
+    popularity = np.arange(30)[::-1]  # playlist 0 is the most popular
+    indptr, indices = build_candidates(matrix, neighbours, popularity, min_candidates=5)
+    assert indptr.dtype == np.int64 and indices.dtype == np.int32
+    assert _rows(indptr, indices) == [
+        [2, 3, 4, 5, 6],  # 2 and 3 have two votes, 4 one; then popular unseen
+        [4, 1, 5, 6, 7],
+        [0, 1, 5, 6, 7],
+        [0, 1, 2, 3, 4],  # no neighbours: popularity, minus the seen 5
+        [0, 1, 2, 3, 4],
+    ]
+    _, capped = build_candidates(matrix, neighbours, popularity, min_candidates=1, max_candidates=2)
+    assert capped[:2].tolist() == [2, 3]
