@@ -200,6 +200,19 @@ def _build_into(
     }
 
 
+def _set_usual_modes(path: Path) -> None:
+    """Give the directory and its files the modes the umask gives new ones.
+
+    ``mkdtemp`` makes the directory 0700 and safetensors writes 0600, which would keep
+    workers running as another user (containers) from reading the artifacts.
+    """
+    umask = os.umask(0)
+    os.umask(umask)
+    path.chmod(0o777 & ~umask)
+    for file in path.iterdir():
+        file.chmod(0o666 & ~umask)
+
+
 def _move_into_place(tmp: Path, out: Path) -> None:
     """Rename ``tmp`` to ``out``, replacing an earlier artifact directory there.
 
@@ -252,6 +265,7 @@ def build_artifacts(
         manifest["timings"]["total"] = round(time.perf_counter() - start, 3)
         manifest = write_manifest(tmp, manifest)
         load_artifacts(tmp)
+        _set_usual_modes(tmp)
         _move_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

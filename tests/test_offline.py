@@ -47,6 +47,15 @@ def test_small_build_loads_with_identity_ids(built: tuple[Path, dict[str, Any]])
     assert not any(built[0].parent.glob(".small.*")), "temporary directory left behind"
 
 
+def test_files_get_the_usual_modes(built: tuple[Path, dict[str, Any]], tmp_path: Path) -> None:
+    (tmp_path / "probe").write_text("")
+    (tmp_path / "probe_dir").mkdir()
+    usual_file = (tmp_path / "probe").stat().st_mode
+    assert (built[0] / "embeddings.safetensors").stat().st_mode == usual_file
+    assert (built[0] / TRUTH_FILE).stat().st_mode == usual_file
+    assert built[0].stat().st_mode == (tmp_path / "probe_dir").stat().st_mode
+
+
 def test_candidates_are_20_to_100_distinct_playlists(built: tuple[Path, dict[str, Any]]) -> None:
     art = load_artifacts(built[0])
     lengths = np.diff(art.candidates_indptr)
