@@ -459,7 +459,10 @@ def test_workloads_have_probes_resources_and_no_root() -> None:
                 tmp = [m for m in container["volumeMounts"] if m["mountPath"] == "/tmp"]
                 assert tmp and "emptyDir" in mounts[tmp[0]["name"]], f"{name} needs a writable /tmp"
     gateway_paths = set(create_app().openapi()["paths"])
-    expected = {"recfleet-gateway": gateway_paths, "recfleet-worker": {"/healthz", "/metrics"}}
+    expected = {
+        "recfleet-gateway": gateway_paths,
+        "recfleet-worker": {"/healthz", "/livez", "/metrics"},
+    }
     for name, deployment in objects("Deployment").items():
         container = deployment["spec"]["template"]["spec"]["containers"][0]
         ports = {p["name"] for p in container["ports"]}

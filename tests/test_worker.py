@@ -152,3 +152,22 @@ async def test_users_of_dead_lettered_jobs_are_listed_on_request(
     assert listed["failed_user_ids"] == list(range(1000, 1500))
     assert listed["failed_user_ids_truncated"] is False
     assert listed["gen_state"] == "rejected"  # 33 % of users dead-lettered: over the gate
+
+
+def test_worker_http_probes_tell_consuming_from_alive(running_consumer: Consumer) -> None:
+    import httpx
+
+    from worker.server import serve
+
+    server = serve("127.0.0.1", 0, lambda: running_consumer.healthy, lambda: running_consumer.alive)
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        assert httpx.get(f"{base}/healthz").status_code == 200
+        assert httpx.get(f"{base}/livez").status_code == 200
+        assert "recfleet_worker_jobs_total" in httpx.get(f"{base}/metrics").text
+        running_consumer.stop()
+        _wait_for(lambda: httpx.get(f"{base}/healthz").status_code == 503)
+        assert httpx.get(f"{base}/nope").status_code == 404
+    finally:
+        server.shutdown()
+        server.server_close()

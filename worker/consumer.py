@@ -47,6 +47,8 @@ from worker.lanes import BATCH, URGENT, PriorityLane
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 QUEUE_SAMPLE_EVERY_S = 5.0
+# Longer than the longest reconnect back-off (30 s) plus a connection attempt.
+LIVENESS_WINDOW_S = 90.0
 _VALID_ID = re.compile(ID_PATTERN)
 # Orders returned jobs by delivery count, then latest arrival first (see _job_priority);
 # every such priority stays below the lane's shutdown marker.
@@ -65,6 +67,7 @@ class Consumer:
         self._arrivals = itertools.count()
         self._connection: pika.BlockingConnection | None = None
         self._last_tick = 0.0
+        self._last_retry = time.monotonic()
         self._consuming = False
 
     # -- public -----------------------------------------------------------------
@@ -77,10 +80,19 @@ class Consumer:
         """Connected, consuming, and the I/O loop turned within the last 10 s."""
         return self._consuming and time.monotonic() - self._last_tick < 10
 
+    @property
+    def alive(self) -> bool:
+        """The consume/reconnect loop is turning (consuming, or retrying a lost broker).
+
+        For liveness probes: a worker waiting out a broker outage is alive, not stuck.
+        """
+        return time.monotonic() - max(self._last_tick, self._last_retry) < LIVENESS_WINDOW_S
+
     def run(self) -> None:
         """Consume until stopped, reconnecting with capped exponential backoff."""
         delay = 0.5
         while not self._stopping.is_set():
+            self._last_retry = time.monotonic()
             try:
                 self._consume_once()
                 delay = 0.5

@@ -1,4 +1,4 @@
-"""A small HTTP server per worker process: ``/metrics`` for Prometheus, ``/healthz`` for probes."""
+"""A small HTTP server per worker process: ``/metrics``, ``/healthz`` and ``/livez``."""
 
 from __future__ import annotations
 
@@ -9,8 +9,14 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
 
-def serve(host: str, port: int, healthy: Callable[[], bool]) -> ThreadingHTTPServer:
-    """Start serving on a daemon thread and return the server (``port`` 0 picks a free one)."""
+def serve(
+    host: str, port: int, healthy: Callable[[], bool], alive: Callable[[], bool] = lambda: True
+) -> ThreadingHTTPServer:
+    """Start serving on a daemon thread and return the server (``port`` 0 picks a free one).
+
+    ``/healthz`` (readiness) is 200 while consuming; ``/livez`` (liveness) while the
+    consumer's loop turns, which includes waiting out a broker outage.
+    """
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
@@ -19,6 +25,9 @@ def serve(host: str, port: int, healthy: Callable[[], bool]) -> ThreadingHTTPSer
             elif self.path == "/healthz":
                 ok = healthy()
                 self._send(200 if ok else 503, b"consuming\n" if ok else b"not consuming\n")
+            elif self.path == "/livez":
+                ok = alive()
+                self._send(200 if ok else 503, b"alive\n" if ok else b"stuck\n")
             else:
                 self._send(404, b"not found\n")
 
