@@ -254,6 +254,9 @@ def _check_shapes(art: Artifacts) -> None:
     for ok, what, got, want in checks:
         if not ok:
             raise ArtifactError(f"{what}: shape {tuple(got)}, manifest implies {want}")
+    indptr = art.candidates_indptr
+    if len(indptr) and (int(indptr[0]) != 0 or bool(np.any(np.diff(indptr) < 0))):
+        raise ArtifactError("candidates_indptr must start at 0 and never decrease")
     nnz = int(art.candidates_indptr[-1]) if n_users else 0
     if art.candidates_indices.shape != (nnz,):
         raise ArtifactError(
