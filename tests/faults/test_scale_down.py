@@ -1,0 +1,62 @@
+"""Scaling down during a batch: SIGTERM to half the workers loses nothing, cuts off no job."""
+
+from __future__ import annotations
+
+import signal
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from shared.settings import Settings
+from tests.faults import (
+    Fleet,
+    assert_invariant,
+    check_invariant,
+    progress,
+    report,
+    submit_batches,
+    wait_complete,
+    wait_fraction,
+)
+from tests.faults.conftest import free_ports
+
+pytestmark = pytest.mark.faults
+
+
+def test_sigterm_to_half_the_workers_mid_batch(fault_settings: Settings, tmp_path: Path) -> None:
+    # Two worker groups of two processes, as two replicas; the second is scaled away.
+    leaving = fault_settings.model_copy(update={"metrics_port": free_ports(2)})
+    with (
+        Fleet(fault_settings, tmp_path / "staying") as staying,
+        Fleet(fault_settings, tmp_path / "leaving", worker_settings=leaving) as scaled_away,
+    ):
+        staying.start_gateway()
+        staying.start_workers()
+        scaled_away.start_workers()
+        batches = submit_batches(staying.base_url, 25)
+        wait_fraction(fault_settings, list(batches), 0.1)
+        at_scale_down = progress(fault_settings, list(batches))
+        exit_code = scaled_away.stop_workers(signal.SIGTERM, timeout=60)
+        wait_complete(fault_settings, list(batches))
+        redelivered = staying.redeliveries()
+        handled: Counter[str] = staying.jobs_handled() + scaled_away.jobs_handled()
+    tally = check_invariant(fault_settings, batches)
+    twice = sorted(job for job, n in handled.items() if n > 1)
+    report(
+        "scale down (SIGTERM half the workers)",
+        users=tally.users,
+        accepted=tally.users,
+        results=tally.results,
+        lost=tally.lost,
+        dlq=tally.dlq,
+        redelivered=redelivered,
+        handled_twice=len(twice),
+        done_at_scale_down=at_scale_down.users_finished,
+    )
+    assert exit_code == 0
+    assert not at_scale_down.complete, "the batches finished before the scale-down"
+    assert_invariant(tally)
+    assert tally.dlq == 0
+    # The leaving workers acked every job they finished: no job ran twice.
+    assert twice == [], twice
