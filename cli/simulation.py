@@ -55,10 +55,11 @@ class World:
             artifacts = artifacts / (artifacts / CURRENT).read_text().strip()
         try:
             truth = SyntheticTruth.load(artifacts / TRUTH_FILE)
-            params = read_manifest(artifacts)["params"]
+            manifest = read_manifest(artifacts)
+            params = manifest["params"]
             user_ids = np.load(artifacts / "user_ids.npy", mmap_mode="r")
             playlist_ids = np.load(artifacts / "playlist_ids.npy", mmap_mode="r")
-            shape = (int(params["n_users"]), int(params["n_playlists"]))
+            shape = (int(manifest["n_users"]), int(manifest["n_playlists"]))
             seed = int(params["seed"])
             config = SyntheticConfig(**params.get("synthetic", {}))
         except (OSError, KeyError, TypeError, ValueError, ArtifactError) as exc:
