@@ -57,6 +57,20 @@ def report(name: str, **figures: object) -> str:
     return line
 
 
+def report_tally(name: str, tally: Tally, *, submitted: int | None = None, **extra: object) -> str:
+    """The figures line of a checked run: users submitted (default: the accepted ones),
+    accepted, results, lost and dlq from ``tally``, then the test's own figures."""
+    return report(
+        name,
+        users=tally.users if submitted is None else submitted,
+        accepted=tally.users,
+        results=tally.results,
+        lost=tally.lost,
+        dlq=tally.dlq,
+        **extra,
+    )
+
+
 def wait_until(predicate: Callable[[], object], timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():

@@ -20,7 +20,7 @@ from tests.faults import (
     check_invariant,
     post_batch,
     progress,
-    report,
+    report_tally,
     submit_batches,
     wait_complete,
     wait_fraction,
@@ -62,13 +62,10 @@ def test_broker_killed_and_restarted_mid_batch(
         wait_complete(fault_settings, list(batches), timeout=180)
         redelivered = fleet.redeliveries()
     tally = check_invariant(fault_settings, batches)
-    report(
+    report_tally(
         "RabbitMQ kill -9 + restart",
-        users=tally.users + len(BATCH_USERS),
-        accepted=tally.users,
-        results=tally.results,
-        lost=tally.lost,
-        dlq=tally.dlq,
+        tally,
+        submitted=tally.users + len(BATCH_USERS),
         redelivered=redelivered,
         done_at_kill=at_kill.users_finished,
         refused_while_down=len(BATCH_USERS),
@@ -109,13 +106,10 @@ def test_broker_unreachable_at_start(
         batches = submit_batches(fleet.base_url, 3)
         wait_complete(fault_settings, list(batches))
     tally = check_invariant(fault_settings, batches)
-    report(
+    report_tally(
         "broker unreachable at start",
-        users=tally.users + len(BATCH_USERS),
-        accepted=tally.users,
-        results=tally.results,
-        lost=tally.lost,
-        dlq=tally.dlq,
+        tally,
+        submitted=tally.users + len(BATCH_USERS),
         refused_while_down=len(BATCH_USERS),
         worker_restarts=0,
         recovered_s=f"{recovered_s:.1f}",
@@ -172,13 +166,10 @@ def test_full_queue_under_a_burst_refuses_what_it_cannot_confirm(
                 time.sleep(0.2)
         wait_complete(settings, list(accepted))
     tally = check_invariant(settings, accepted)
-    report(
+    report_tally(
         "full queue burst",
-        users=len(users) * (len(answers) + retries + len(refused)),
-        accepted=tally.users,
-        results=tally.results,
-        lost=tally.lost,
-        dlq=tally.dlq,
+        tally,
+        submitted=len(users) * (len(answers) + retries + len(refused)),
         queued_at_burst=queued,
         max_length=settings.queue_max_length,
         refused_first=len(refused),
@@ -239,13 +230,9 @@ def test_network_cut_and_black_hole_between_worker_and_broker(
         wait_complete(fault_settings, list(batches), timeout=120)
         redelivered = fleet.redeliveries()
     tally = check_invariant(fault_settings, batches)
-    report(
+    report_tally(
         "network cut worker<->broker",
-        users=tally.users,
-        accepted=tally.users,
-        results=tally.results,
-        lost=tally.lost,
-        dlq=tally.dlq,
+        tally,
         redelivered=redelivered,
         connections_reset=cut,
         connections_black_holed=holed,
@@ -273,13 +260,10 @@ def test_broker_silent_to_the_gateway_gets_503_never_202(
         batches = submit_batches(fleet.base_url, 2)
         wait_complete(fault_settings, list(batches))
     tally = check_invariant(fault_settings, batches)
-    report(
+    report_tally(
         "broker silent to the gateway",
-        users=tally.users + len(BATCH_USERS),
-        accepted=tally.users,
-        results=tally.results,
-        lost=tally.lost,
-        dlq=tally.dlq,
+        tally,
+        submitted=tally.users + len(BATCH_USERS),
         refused_unconfirmed=len(BATCH_USERS),
         waited_s=f"{waited_s:.1f}",
     )

@@ -25,7 +25,7 @@ from tests.faults import (
     assert_invariant,
     check_invariant,
     dead_letters,
-    report,
+    report_tally,
     submit_batches,
     wait_complete,
     wait_until,
@@ -85,13 +85,9 @@ def test_a_job_slower_than_two_heartbeats_keeps_its_connection(
         wait_complete(fault_settings, list(batches), timeout=60)
     redelivered = _sample("recfleet_worker_redeliveries_total") - redelivered_before
     tally = check_invariant(fault_settings, batches)
-    report(
+    report_tally(
         "job slower than 2 heartbeats",
-        users=tally.users,
-        accepted=tally.users,
-        results=tally.results,
-        lost=tally.lost,
-        dlq=tally.dlq,
+        tally,
         redelivered=int(redelivered),
         heartbeat_s=1,
         job_s=handler.pause_s,
@@ -205,13 +201,9 @@ def test_malformed_messages_and_a_poison_job_end_in_the_dead_letter_queue(
         )
         after_replay = check_invariant(settings, batches, [])
     dead_ids = sorted(d.job_id or "-" for d in dead)
-    report(
+    report_tally(
         "malformed + poison",
-        users=tally.users,
-        accepted=tally.users,
-        results=tally.results,
-        lost=tally.lost,
-        dlq=tally.dlq,
+        tally,
         redelivered=redelivered,
         crashes=crashes,
         dead_jobs=len(dead),
@@ -298,13 +290,9 @@ def test_the_same_job_delivered_twice_changes_nothing(
         after = snapshot(fault_settings)
         handled = fleet.jobs_handled()
     tally = check_invariant(fault_settings, batches)
-    report(
+    report_tally(
         "same job delivered 2-3 times",
-        users=tally.users,
-        accepted=tally.users,
-        results=tally.results,
-        lost=tally.lost,
-        dlq=tally.dlq,
+        tally,
         deliveries=sum(handled.values()),
         jobs=len(messages),
         keys_changed=sum(1 for k in before.keys() | after.keys() if before.get(k) != after.get(k)),

@@ -15,7 +15,7 @@ from tests.faults import (
     assert_invariant,
     check_invariant,
     post_batch,
-    report,
+    report_tally,
     submit_batches,
     wait_complete,
     wait_fraction,
@@ -48,13 +48,10 @@ def test_redis_killed_and_restarted_mid_batch(
         redelivered = fleet.redeliveries()
         requeued = fleet.metric('recfleet_worker_jobs_total{outcome="requeued"}')
     tally = check_invariant(fault_settings, batches)
-    report(
+    report_tally(
         "Redis kill -9 + restart",
-        users=tally.users + len(BATCH_USERS),
-        accepted=tally.users,
-        results=tally.results,
-        lost=tally.lost,
-        dlq=tally.dlq,
+        tally,
+        submitted=tally.users + len(BATCH_USERS),
         redelivered=redelivered,
         requeued=int(requeued),
         outage_s=OUTAGE_S,

@@ -14,7 +14,7 @@ from tests.faults import (
     assert_invariant,
     check_invariant,
     progress,
-    report,
+    report_tally,
     submit_batches,
     wait_complete,
     wait_fraction,
@@ -43,13 +43,9 @@ def test_sigterm_to_half_the_workers_mid_batch(fault_settings: Settings, tmp_pat
         handled: Counter[str] = staying.jobs_handled() + scaled_away.jobs_handled()
     tally = check_invariant(fault_settings, batches)
     twice = sorted(job for job, n in handled.items() if n > 1)
-    report(
+    report_tally(
         "scale down (SIGTERM half the workers)",
-        users=tally.users,
-        accepted=tally.users,
-        results=tally.results,
-        lost=tally.lost,
-        dlq=tally.dlq,
+        tally,
         redelivered=redelivered,
         handled_twice=len(twice),
         done_at_scale_down=at_scale_down.users_finished,

@@ -14,7 +14,7 @@ from tests.faults import (
     assert_invariant,
     check_invariant,
     progress,
-    report,
+    report_tally,
     submit_batches,
     wait_complete,
     wait_fraction,
@@ -41,13 +41,9 @@ def test_kill_9_a_worker_mid_job(fault_settings: Settings, tmp_path: Path) -> No
         redelivered = fleet.redeliveries()
         handled = fleet.jobs_handled()
     tally = check_invariant(fault_settings, batches)
-    report(
+    report_tally(
         "kill -9 worker",
-        users=tally.users,
-        accepted=tally.users,
-        results=tally.results,
-        lost=tally.lost,
-        dlq=tally.dlq,
+        tally,
         redelivered=redelivered,
         handled_twice=sum(1 for n in handled.values() if n > 1),
     )
@@ -74,13 +70,9 @@ def test_sigterm_drains_the_job_in_hand_and_requeues_the_rest(
         handled = fleet.jobs_handled()
     tally = check_invariant(fault_settings, batches)
     twice = sorted(job for job, n in handled.items() if n > 1)
-    report(
+    report_tally(
         "SIGTERM workers",
-        users=tally.users,
-        accepted=tally.users,
-        results=tally.results,
-        lost=tally.lost,
-        dlq=tally.dlq,
+        tally,
         redelivered=redelivered,
         handled_twice=len(twice),
         done_before_restart=stopped_at.users_finished,
