@@ -10,7 +10,7 @@ import numpy as np
 import orjson
 import redis
 
-from shared.generations import GenerationKeys, bucket_mappings
+from shared.generations import GenerationKeys, bucket_mappings, unlink_matching
 from shared.messages import new_id
 from shared.settings import get_settings
 from shared.store import encode_results, model_tag
@@ -24,8 +24,7 @@ def _used_memory(client: redis.Redis) -> int:
 
 def _settle(client: redis.Redis, pattern: str) -> None:
     """Delete a layout's keys and wait for lazy freeing to finish."""
-    for key in client.scan_iter(match=pattern, count=1000):
-        client.unlink(key)
+    unlink_matching(client, pattern, chunk=1000)
     while int(client.info("memory").get("lazyfree_pending_objects", 0)):
         time.sleep(0.05)
 

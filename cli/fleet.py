@@ -62,18 +62,26 @@ class LocalFleet:
             self._wait_ready()
         return self
 
-    def _wait_ready(self, timeout: float = 60) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.api is not None and self.api.poll() is not None:
-                raise FleetError(f"gateway exited; see {self.log_dir / 'api.log'}")
+    def _wait_ok(
+        self, url: str, proc: subprocess.Popen[bytes] | None, name: str, deadline: float
+    ) -> None:
+        """Poll ``url`` until it answers 200. Raises FleetError if ``proc`` exits or time runs
+        out, naming the log to read."""
+        log = self.log_dir / f"{name}.log"
+        while True:
+            if proc is not None and proc.poll() is not None:
+                raise FleetError(f"{name} exited; see {log}")
             try:
-                if httpx.get(f"{self.base_url}/readyz", timeout=2).status_code == 200:
+                if httpx.get(url, timeout=2).status_code == 200:
                     return
             except httpx.HTTPError:
                 pass
+            if time.monotonic() > deadline:
+                raise FleetError(f"{url} did not answer 200 in time; see {log}")
             time.sleep(0.2)
-        raise FleetError(f"gateway not ready after {timeout:.0f}s; see {self.log_dir / 'api.log'}")
+
+    def _wait_ready(self, timeout: float = 60) -> None:
+        self._wait_ok(f"{self.base_url}/readyz", self.api, "api", time.monotonic() + timeout)
 
     def worker_metrics_ports(self) -> list[int]:
         return [self.settings.metrics_port + i for i in range(self.processes)]
@@ -82,17 +90,7 @@ class LocalFleet:
         """Wait until every worker process answers its health check (model loaded, consuming)."""
         deadline = time.monotonic() + timeout
         for port in self.worker_metrics_ports():
-            while True:
-                if self.workers is not None and self.workers.poll() is not None:
-                    raise FleetError(f"workers exited; see {self.log_dir / 'worker.log'}")
-                try:
-                    if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise FleetError(f"worker on :{port} not consuming after {timeout:.0f}s")
-                time.sleep(0.2)
+            self._wait_ok(f"http://127.0.0.1:{port}/healthz", self.workers, "worker", deadline)
 
     def __exit__(
         self,

@@ -12,6 +12,7 @@ import redis
 
 from cli.client import submit, wait
 from cli.fleet import LocalFleet
+from shared.generations import unlink_matching
 from shared.settings import Settings
 from shared.topology import queue_names
 
@@ -79,14 +80,7 @@ def _epoch(perf_start: float) -> float:
 def cleanup(settings: Settings) -> None:
     """Delete a run's Redis keys (by prefix, without blocking Redis) and its queues."""
     client = redis.Redis.from_url(str(settings.redis_url))
-    batch = []
-    for key in client.scan_iter(match=f"{settings.redis_prefix}:*", count=1000):
-        batch.append(key)
-        if len(batch) >= 1000:
-            client.unlink(*batch)
-            batch.clear()
-    if batch:
-        client.unlink(*batch)
+    unlink_matching(client, f"{settings.redis_prefix}:*", chunk=1000)
     client.close()
     conn = pika.BlockingConnection(pika.URLParameters(str(settings.amqp_url)))
     channel = conn.channel()

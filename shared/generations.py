@@ -222,14 +222,12 @@ def history(client: Any, keys: Keys) -> list[tuple[str, float]]:
     return [(name.decode(), float(score)) for name, score in rows]
 
 
-def delete_results(client: Any, keys: Keys, generation: str, chunk: int = 500) -> int:
-    """Delete one generation's result hashes without blocking Redis: SCAN, then UNLINK
-    in small chunks (UNLINK frees memory on a background thread). Returns keys removed."""
+def unlink_matching(client: Any, pattern: str, chunk: int = 500) -> int:
+    """Delete every key matching ``pattern`` without blocking Redis: SCAN, then UNLINK in
+    small chunks (UNLINK frees memory on a background thread). Returns keys removed."""
     removed = 0
     batch: list[bytes] = []
-    for key in client.scan_iter(
-        match=GenerationKeys(keys.prefix).result_pattern(generation), count=chunk
-    ):
+    for key in client.scan_iter(match=pattern, count=chunk):
         batch.append(key)
         if len(batch) >= chunk:
             removed += client.unlink(*batch)
@@ -237,6 +235,11 @@ def delete_results(client: Any, keys: Keys, generation: str, chunk: int = 500) -
     if batch:
         removed += client.unlink(*batch)
     return removed
+
+
+def delete_results(client: Any, keys: Keys, generation: str) -> int:
+    """Delete one generation's result hashes without blocking Redis. Returns keys removed."""
+    return unlink_matching(client, GenerationKeys(keys.prefix).result_pattern(generation))
 
 
 def prune(client: Any, keys: Keys, keep: int) -> list[str]:
