@@ -15,17 +15,17 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from api.broker import Publisher
-from api.db import Database
-from api.deps import Clients
-from api.limits import BodySizeLimit
-from api.metrics import MetricsMiddleware
-from api.results import GenerationCache, ResultReader
-from api.routes import batches, drift, feedback, health, page, playlists
-from api.sync import SyncRequester
-from shared.generations import GenerationKeys
-from shared.settings import Settings, get_settings
-from shared.store import Keys
+from recfleet.api.broker import Publisher
+from recfleet.api.db import Database
+from recfleet.api.deps import Clients
+from recfleet.api.limits import BodySizeLimit
+from recfleet.api.metrics import MetricsMiddleware
+from recfleet.api.results import GenerationCache, ResultReader
+from recfleet.api.routes import batches, drift, feedback, health, page, playlists
+from recfleet.api.sync import SyncRequester
+from recfleet.shared.generations import GenerationKeys
+from recfleet.shared.settings import Settings, get_settings
+from recfleet.shared.store import Keys
 
 log = logging.getLogger(__name__)
 

@@ -11,9 +11,9 @@ import aiormq
 from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential
 
-from shared.messages import CONTENT_TYPE, Job
-from shared.settings import Settings
-from shared.topology import (
+from recfleet.shared.messages import CONTENT_TYPE, Job
+from recfleet.shared.settings import Settings
+from recfleet.shared.topology import (
     HEADER_BATCH_ID,
     HEADER_SCHEMA,
     HEADER_USERS,

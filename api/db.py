@@ -19,11 +19,11 @@ from prometheus_client import Counter, Gauge
 from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
-from api.metrics import REGISTRY
-from shared import metrics as names
-from shared.errors import RecfleetError
-from shared.feedback import CTR_BY_MODEL, Impression, Like, LikeRequest, to_ctr_rows
-from shared.settings import Settings
+from recfleet.api.metrics import REGISTRY
+from recfleet.shared import metrics as names
+from recfleet.shared.errors import RecfleetError
+from recfleet.shared.feedback import CTR_BY_MODEL, Impression, Like, LikeRequest, to_ctr_rows
+from recfleet.shared.settings import Settings
 
 log = logging.getLogger(__name__)
 

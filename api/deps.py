@@ -8,12 +8,12 @@ from typing import Annotated
 from fastapi import Depends, Request
 from redis.asyncio import Redis
 
-from api.broker import Publisher
-from api.db import Database
-from api.results import ResultReader
-from api.sync import SyncRequester
-from shared.settings import Settings
-from shared.store import Keys
+from recfleet.api.broker import Publisher
+from recfleet.api.db import Database
+from recfleet.api.results import ResultReader
+from recfleet.api.sync import SyncRequester
+from recfleet.shared.settings import Settings
+from recfleet.shared.store import Keys
 
 
 @dataclass

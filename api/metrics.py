@@ -7,7 +7,7 @@ import time
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from shared import metrics as names
+from recfleet.shared import metrics as names
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 

@@ -7,9 +7,9 @@ from dataclasses import dataclass, field
 
 from redis.asyncio import Redis
 
-from api.schemas import UserResult
-from shared.generations import LIVE, GenerationKeys
-from shared.store import Keys, decode_result
+from recfleet.api.schemas import UserResult
+from recfleet.shared.generations import LIVE, GenerationKeys
+from recfleet.shared.store import Keys, decode_result
 
 
 def _text(value: object) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from shared.messages import ID_PATTERN, UserId
+from recfleet.shared.messages import ID_PATTERN, UserId
 
 
 class UserIdsRequest(BaseModel):

@@ -9,8 +9,8 @@ import aio_pika
 import orjson
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobustConnection
 
-from shared.messages import CONTENT_TYPE, Job
-from shared.settings import Settings
+from recfleet.shared.messages import CONTENT_TYPE, Job
+from recfleet.shared.settings import Settings
 
 REPLY_TO = "amq.rabbitmq.reply-to"
 

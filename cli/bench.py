@@ -10,12 +10,12 @@ from typing import Any
 
 import click
 
-from cli.bench_reads import bench_reads
-from cli.bench_store import bench_store
-from cli.client import console
-from cli.measure import cleanup, measure
-from shared.messages import new_id
-from shared.settings import get_settings
+from recfleet.cli.bench_reads import bench_reads
+from recfleet.cli.bench_store import bench_store
+from recfleet.cli.client import console
+from recfleet.cli.measure import cleanup, measure
+from recfleet.shared.messages import new_id
+from recfleet.shared.settings import get_settings
 
 
 @click.group()
@@ -27,7 +27,7 @@ def bench() -> None:
 @click.pass_context
 def bench_rank(ctx: click.Context) -> None:
     """Ranking throughput of one torch thread, without a broker (see --help of the program)."""
-    from worker.bench_rank import main as rank_main
+    from recfleet.worker.bench_rank import main as rank_main
 
     rank_main(list(ctx.args))
 

@@ -15,12 +15,12 @@ import click
 import numpy as np
 import redis
 
-from cli.fleet import LocalFleet
-from cli.measure import cleanup
-from shared.generations import GenerationKeys, bucket_mappings
-from shared.messages import new_id
-from shared.settings import Settings, get_settings
-from shared.store import Keys, encode_results, model_tag
+from recfleet.cli.fleet import LocalFleet
+from recfleet.cli.measure import cleanup
+from recfleet.shared.generations import GenerationKeys, bucket_mappings
+from recfleet.shared.messages import new_id
+from recfleet.shared.settings import Settings, get_settings
+from recfleet.shared.store import Keys, encode_results, model_tag
 
 WRK_SCRIPT = """
 math.randomseed(os.time())

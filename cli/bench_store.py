@@ -10,10 +10,10 @@ import numpy as np
 import orjson
 import redis
 
-from shared.generations import GenerationKeys, bucket_mappings, unlink_matching
-from shared.messages import new_id
-from shared.settings import get_settings
-from shared.store import encode_results, model_tag
+from recfleet.shared.generations import GenerationKeys, bucket_mappings, unlink_matching
+from recfleet.shared.messages import new_id
+from recfleet.shared.settings import get_settings
+from recfleet.shared.store import encode_results, model_tag
 
 CHUNK = 10_000
 

@@ -7,10 +7,10 @@ from pathlib import Path
 import click
 import psycopg
 
-from shared.migrate import MIGRATIONS_DIR, MigrationError
-from shared.migrate import status as migration_status
-from shared.migrate import upgrade as apply_migrations
-from shared.settings import get_settings
+from recfleet.shared.migrate import MIGRATIONS_DIR, MigrationError
+from recfleet.shared.migrate import status as migration_status
+from recfleet.shared.migrate import upgrade as apply_migrations
+from recfleet.shared.settings import get_settings
 
 database_url_option = click.option(
     "--database-url", default=None, help="PostgreSQL URL (default RECFLEET_DATABASE_URL)"

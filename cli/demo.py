@@ -10,13 +10,13 @@ import httpx
 import psycopg
 from rich.table import Table
 
-from cli.client import GatewayError, console, submit, wait
-from cli.fleet import FleetError, LocalFleet
-from shared.artifacts import current_dir, read_manifest
-from shared.errors import ArtifactError
-from shared.logs import configure_logging
-from shared.migrate import MigrationError, upgrade
-from shared.settings import get_settings
+from recfleet.cli.client import GatewayError, console, submit, wait
+from recfleet.cli.fleet import FleetError, LocalFleet
+from recfleet.shared.artifacts import current_dir, read_manifest
+from recfleet.shared.errors import ArtifactError
+from recfleet.shared.logs import configure_logging
+from recfleet.shared.migrate import MigrationError, upgrade
+from recfleet.shared.settings import get_settings
 
 
 def ensure_artifacts(path: Path, users: int, playlists: int) -> dict:
@@ -25,7 +25,7 @@ def ensure_artifacts(path: Path, users: int, playlists: int) -> dict:
         return read_manifest(current_dir(path))
     except ArtifactError:
         pass
-    from offline.build import build_artifacts
+    from recfleet.offline.build import build_artifacts
 
     console.print(f"building demo artifacts in {path}: {users:,} users, {playlists:,} playlists")
     start = time.perf_counter()

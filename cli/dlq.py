@@ -12,8 +12,8 @@ import pika
 import pika.exceptions
 from pika.adapters.blocking_connection import BlockingChannel
 
-from shared.settings import Settings, get_settings
-from shared.topology import HEADER_BATCH_ID, HEADER_DEAD_REASON, HEADER_USERS
+from recfleet.shared.settings import Settings, get_settings
+from recfleet.shared.topology import HEADER_BATCH_ID, HEADER_DEAD_REASON, HEADER_USERS
 
 
 @dataclass

@@ -8,8 +8,8 @@ import click
 import httpx
 import orjson
 
-from shared.drift import ordered_categories, shares
-from shared.settings import get_settings
+from recfleet.shared.drift import ordered_categories, shares
+from recfleet.shared.settings import get_settings
 
 
 def _request(method: str, url: str, path: str, **kwargs: Any) -> httpx.Response:

@@ -18,12 +18,18 @@ import httpx
 import numpy as np
 import psycopg
 
-from cli.db import database_url_option, resolve_database_url
-from cli.simulation import Arm, World, visit
-from shared.artifacts import load_artifacts, read_manifest, write_manifest
-from shared.errors import ArtifactError
-from shared.feedback import CtrRow, click_through, export_triplets, save_triplets, start_of_day
-from shared.settings import get_settings
+from recfleet.cli.db import database_url_option, resolve_database_url
+from recfleet.cli.simulation import Arm, World, visit
+from recfleet.shared.artifacts import load_artifacts, read_manifest, write_manifest
+from recfleet.shared.errors import ArtifactError
+from recfleet.shared.feedback import (
+    CtrRow,
+    click_through,
+    export_triplets,
+    save_triplets,
+    start_of_day,
+)
+from recfleet.shared.settings import get_settings
 
 BASELINE_SUFFIX = "-popularity"
 

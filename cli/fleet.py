@@ -12,7 +12,7 @@ from types import TracebackType
 
 import httpx
 
-from shared.settings import Settings
+from recfleet.shared.settings import Settings
 
 
 class FleetError(Exception):
@@ -48,7 +48,7 @@ class LocalFleet:
         # The child keeps its own copy of the descriptor; ours closes at once.
         with (self.log_dir / f"{name}.log").open("ab") as log:
             return subprocess.Popen(
-                [sys.executable, "-m", "cli.main", *args],
+                [sys.executable, "-m", "recfleet.cli.main", *args],
                 env=settings_env(self.settings),
                 stdout=log,
                 stderr=subprocess.STDOUT,

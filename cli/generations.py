@@ -7,9 +7,9 @@ import time
 import click
 import redis
 
-from shared.generations import activate, history, prune
-from shared.settings import get_settings
-from shared.store import Keys, batch_status
+from recfleet.shared.generations import activate, history, prune
+from recfleet.shared.settings import get_settings
+from recfleet.shared.store import Keys, batch_status
 
 
 def _client() -> tuple[redis.Redis, Keys]:

@@ -8,10 +8,10 @@ from pathlib import Path
 import click
 import httpx
 
-from cli.client import GatewayError, batch_status, console, submit, wait
-from shared.errors import ArtifactError
-from shared.logs import configure_logging
-from shared.settings import Settings, get_settings
+from recfleet.cli.client import GatewayError, batch_status, console, submit, wait
+from recfleet.shared.errors import ArtifactError
+from recfleet.shared.logs import configure_logging
+from recfleet.shared.settings import Settings, get_settings
 
 
 def _settings() -> Settings:
@@ -33,7 +33,7 @@ def api(host: str | None, port: int | None) -> None:
     """Run the HTTP gateway."""
     import uvicorn
 
-    from api.app import create_app
+    from recfleet.api.app import create_app
 
     s = _settings()
     configure_logging(s.log_level, s.log_json)
@@ -57,7 +57,7 @@ def api(host: str | None, port: int | None) -> None:
 )
 def worker(processes: int) -> None:
     """Run ranking workers that consume jobs from RabbitMQ and write results to Redis."""
-    from worker.main import run_fleet
+    from recfleet.worker.main import run_fleet
 
     s = _settings()
     configure_logging(s.log_level, s.log_json)
@@ -87,7 +87,7 @@ def artifacts_build(
     out: Path, users: int, playlists: int, seed: int, feedback: Path | None
 ) -> None:
     """Generate interactions, pair users, train BPR and write a versioned artifact directory."""
-    from offline.build import build_artifacts
+    from recfleet.offline.build import build_artifacts
 
     configure_logging()
     manifest = build_artifacts(
@@ -100,7 +100,7 @@ def artifacts_build(
 @click.argument("path", type=click.Path(path_type=Path))
 def artifacts_check(path: Path) -> None:
     """Verify an artifact directory: files, checksums, shapes and format version."""
-    from shared.artifacts import current_dir, load_artifacts
+    from recfleet.shared.artifacts import current_dir, load_artifacts
 
     try:
         art = load_artifacts(current_dir(path))
@@ -147,7 +147,7 @@ def submit_cmd(
     if bool(users_file) == all_users:
         raise click.UsageError("give either USERS_FILE or --all")
     if all_users:
-        from shared.artifacts import current_dir, read_manifest
+        from recfleet.shared.artifacts import current_dir, read_manifest
 
         try:
             ids = list(range(int(read_manifest(current_dir(s.artifacts))["n_users"])))
@@ -199,14 +199,14 @@ def status(batch_id: str, api_url: str | None, failed: bool) -> None:
         click.echo(f"{key:14} {value}")
 
 
-from cli.bench import bench  # noqa: E402
-from cli.db import db  # noqa: E402
-from cli.demo import demo  # noqa: E402
-from cli.dlq import dlq  # noqa: E402
-from cli.drift import drift  # noqa: E402
-from cli.feedback import feedback  # noqa: E402
-from cli.generations import generations  # noqa: E402
-from cli.schedule import schedule  # noqa: E402
+from recfleet.cli.bench import bench  # noqa: E402
+from recfleet.cli.db import db  # noqa: E402
+from recfleet.cli.demo import demo  # noqa: E402
+from recfleet.cli.dlq import dlq  # noqa: E402
+from recfleet.cli.drift import drift  # noqa: E402
+from recfleet.cli.feedback import feedback  # noqa: E402
+from recfleet.cli.generations import generations  # noqa: E402
+from recfleet.cli.schedule import schedule  # noqa: E402
 
 cli.add_command(bench)
 cli.add_command(demo)

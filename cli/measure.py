@@ -10,11 +10,11 @@ import httpx
 import pika
 import redis
 
-from cli.client import submit, wait
-from cli.fleet import LocalFleet
-from shared.generations import unlink_matching
-from shared.settings import Settings
-from shared.topology import queue_names
+from recfleet.cli.client import submit, wait
+from recfleet.cli.fleet import LocalFleet
+from recfleet.shared.generations import unlink_matching
+from recfleet.shared.settings import Settings
+from recfleet.shared.topology import queue_names
 
 
 @dataclass

@@ -71,7 +71,7 @@ def schedule(daily_at: str, api_url: str | None) -> None:
         hour, minute = parse_daily_at(daily_at)
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--daily-at") from exc
-    from cli.main import submit_cmd
+    from recfleet.cli.main import submit_cmd
 
     def job() -> None:
         args = ["--all", "--no-wait", *(["--api-url", api_url] if api_url else [])]

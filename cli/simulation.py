@@ -20,11 +20,11 @@ import click
 import httpx
 import numpy as np
 
-from shared.artifacts import MANIFEST, read_manifest
-from shared.errors import ArtifactError
+from recfleet.shared.artifacts import MANIFEST, read_manifest
+from recfleet.shared.errors import ArtifactError
 
 if TYPE_CHECKING:
-    from offline.synthetic import SyntheticTruth
+    from recfleet.offline.synthetic import SyntheticTruth
 
 TRUTH_FILE = "synthetic_truth.npz"
 CURRENT = "CURRENT"  # in a model root, names the artifact directory serving new batches
@@ -49,7 +49,7 @@ class World:
         Raises click.ClickException when there is no synthetic ground truth, or the seed
         does not reproduce it.
         """
-        from offline.synthetic import SyntheticConfig, SyntheticTruth, generate
+        from recfleet.offline.synthetic import SyntheticConfig, SyntheticTruth, generate
 
         if not (artifacts / MANIFEST).is_file() and (artifacts / CURRENT).is_file():
             artifacts = artifacts / (artifacts / CURRENT).read_text().strip()
@@ -122,7 +122,7 @@ def like_probabilities(world: World, user_row: int, playlists: list[int], draws:
     of them is a shown playlist new to the user, and the liked playlist is the first
     such listen.
     """
-    from offline.synthetic import preference
+    from recfleet.offline.synthetic import preference
 
     rows = world.playlist_rows(playlists)
     p = preference(world.truth, np.array(user_row), rows)

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from shared.artifacts import sha256_file
+from recfleet.shared.artifacts import sha256_file
 
 logger = logging.getLogger("offline")
 

@@ -32,12 +32,12 @@ import torch
 from safetensors.numpy import save_file
 from threadpoolctl import threadpool_limits
 
-from offline import evaluate
-from offline.bpr import BPRConfig, Feedback, TrainingData, load_feedback, train_bpr
-from offline.candidates import popularity_rank
-from offline.pairing import PairingConfig, pair_users
-from offline.synthetic import SyntheticConfig, SyntheticTruth, generate
-from shared.artifacts import (
+from recfleet.offline import evaluate
+from recfleet.offline.bpr import BPRConfig, Feedback, TrainingData, load_feedback, train_bpr
+from recfleet.offline.candidates import popularity_rank
+from recfleet.offline.pairing import PairingConfig, pair_users
+from recfleet.offline.synthetic import SyntheticConfig, SyntheticTruth, generate
+from recfleet.shared.artifacts import (
     EMBEDDINGS,
     MANIFEST,
     NPY_FILES,

@@ -21,7 +21,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from offline.synthetic import SyntheticTruth, preference
+from recfleet.offline.synthetic import SyntheticTruth, preference
 
 HIT_AT = (1, 5, 10)
 

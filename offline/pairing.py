@@ -28,7 +28,7 @@ import scipy.sparse as sp
 import torch
 from sklearn.utils.extmath import randomized_svd
 
-from offline.candidates import build_candidates
+from recfleet.offline.candidates import build_candidates
 
 logger = logging.getLogger("offline")
 

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from shared.errors import ArtifactError
+from recfleet.shared.errors import ArtifactError
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"

@@ -30,7 +30,7 @@ import numpy as np
 import psycopg
 from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
-from shared.messages import MAX_USER_ID, UserId
+from recfleet.shared.messages import MAX_USER_ID, UserId
 
 PlaylistId = Annotated[StrictInt, Field(ge=0, le=MAX_USER_ID)]
 

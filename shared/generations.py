@@ -23,8 +23,8 @@ from collections.abc import Generator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from shared.settings import Settings
-from shared.store import BUCKET_BITS, Keys, batch_status
+from recfleet.shared.settings import Settings
+from recfleet.shared.store import BUCKET_BITS, Keys, batch_status
 
 PENDING, ACTIVE, REJECTED, RETIRED = "pending", "active", "rejected", "retired"
 # Where synchronous results go while no generation is current; read after all others.

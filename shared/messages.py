@@ -9,7 +9,7 @@ from typing import Annotated
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
 
-from shared.errors import UndecodableMessage
+from recfleet.shared.errors import UndecodableMessage
 
 SCHEMA_VERSION = 1
 CONTENT_TYPE = "application/json"

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import psycopg
 
-from shared.errors import RecfleetError
+from recfleet.shared.errors import RecfleetError
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 FILENAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")

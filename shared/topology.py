@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from shared.settings import Settings
+from recfleet.shared.settings import Settings
 
 # Headers on every job message, visible in the management UI.
 HEADER_BATCH_ID = "x-recfleet-batch-id"

@@ -17,13 +17,13 @@ import httpx
 import pytest
 import redis
 
-from cli.measure import cleanup
-from shared.messages import new_id
-from shared.settings import Settings
+from recfleet.cli.measure import cleanup
+from recfleet.shared.messages import new_id
+from recfleet.shared.settings import Settings
 
 if TYPE_CHECKING:
-    from worker.consumer import Consumer
-    from worker.handler import JobHandler
+    from recfleet.worker.consumer import Consumer
+    from recfleet.worker.handler import JobHandler
 
 
 def free_port() -> int:
@@ -64,7 +64,7 @@ def services() -> None:
 @pytest.fixture(scope="session")
 def small_artifacts(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small but real artifact directory (synthetic data, kNN pairing, BPR training)."""
-    from offline.build import build_artifacts
+    from recfleet.offline.build import build_artifacts
 
     out = tmp_path_factory.mktemp("artifacts") / "small"
     build_artifacts(out, n_users=6000, n_playlists=1000, seed=7, epochs=3)
@@ -108,7 +108,7 @@ def database_url(services: None) -> Iterator[str]:
     import psycopg
     from psycopg import sql
 
-    from shared.migrate import upgrade
+    from recfleet.shared.migrate import upgrade
 
     name = f"rftest_{new_id()[:12]}"
     admin = str(Settings().database_url)
@@ -128,8 +128,8 @@ def database_url(services: None) -> Iterator[str]:
 @pytest.fixture
 def handler(fleet_settings: Settings) -> Iterator[JobHandler]:
     """A real job handler: the small artifacts, real Redis."""
-    from worker.handler import JobHandler
-    from worker.models import ModelStore
+    from recfleet.worker.handler import JobHandler
+    from recfleet.worker.models import ModelStore
 
     client = redis.Redis.from_url(str(fleet_settings.redis_url))
     models = ModelStore(fleet_settings.artifacts, k=fleet_settings.top_k)
@@ -140,7 +140,7 @@ def handler(fleet_settings: Settings) -> Iterator[JobHandler]:
 @pytest.fixture
 def running_consumer(handler: JobHandler, fleet_settings: Settings) -> Iterator[Consumer]:
     """A real consumer on a thread, consuming from the real broker until the test ends."""
-    from worker.consumer import Consumer
+    from recfleet.worker.consumer import Consumer
 
     consumer = Consumer(fleet_settings, handler)
     thread = threading.Thread(target=consumer.run, daemon=True)
@@ -158,7 +158,7 @@ def running_consumer(handler: JobHandler, fleet_settings: Settings) -> Iterator[
 @pytest.fixture
 async def fleet_api(fleet_settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
     """The gateway app in-process (real broker and Redis), re-reading generations at once."""
-    from api.app import create_app
+    from recfleet.api.app import create_app
 
     app = create_app(fleet_settings.model_copy(update={"generation_refresh_s": 0.001}))
     async with app.router.lifespan_context(app):

@@ -11,12 +11,12 @@ import pika
 import pytest
 import redis
 
-from api.app import create_app
-from shared.generations import GenerationKeys
-from shared.messages import decode_job
-from shared.settings import Settings
-from shared.store import Keys, encode_results, model_tag
-from shared.topology import HEADER_BATCH_ID, HEADER_USERS
+from recfleet.api.app import create_app
+from recfleet.shared.generations import GenerationKeys
+from recfleet.shared.messages import decode_job
+from recfleet.shared.settings import Settings
+from recfleet.shared.store import Keys, encode_results, model_tag
+from recfleet.shared.topology import HEADER_BATCH_ID, HEADER_USERS
 
 
 @pytest.fixture

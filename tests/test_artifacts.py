@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from shared.artifacts import load_artifacts, write_manifest
-from shared.errors import ArtifactError
+from recfleet.shared.artifacts import load_artifacts, write_manifest
+from recfleet.shared.errors import ArtifactError
 
 
 @pytest.mark.parametrize(

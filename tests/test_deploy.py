@@ -28,9 +28,9 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from api.app import create_app
-from cli.main import cli
-from shared.settings import Settings
+from recfleet.api.app import create_app
+from recfleet.cli.main import cli
+from recfleet.shared.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 K8S = ROOT / "deploy" / "k8s"

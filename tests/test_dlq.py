@@ -9,12 +9,12 @@ import pika
 import pytest
 from click.testing import CliRunner
 
-from cli.fleet import settings_env
-from cli.main import cli
-from shared.messages import make_jobs
-from shared.settings import Settings, get_settings
-from shared.topology import HEADER_BATCH_ID, HEADER_USERS
-from worker.consumer import declare_topology
+from recfleet.cli.fleet import settings_env
+from recfleet.cli.main import cli
+from recfleet.shared.messages import make_jobs
+from recfleet.shared.settings import Settings, get_settings
+from recfleet.shared.topology import HEADER_BATCH_ID, HEADER_USERS
+from recfleet.worker.consumer import declare_topology
 
 
 @pytest.fixture

@@ -8,14 +8,14 @@ import numpy as np
 import pytest
 from scipy.stats import chi2
 
-from shared.drift import (
+from recfleet.shared.drift import (
     POPULARITY_LABELS,
     chi_square,
     cold_fraction,
     ordered_categories,
     shares,
 )
-from shared.store import batch_status, popularity_args, popularity_counts
+from recfleet.shared.store import batch_status, popularity_args, popularity_counts
 
 
 def test_cold_fraction() -> None:

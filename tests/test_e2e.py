@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 import redis
 
-from cli.client import submit, wait
-from cli.fleet import LocalFleet
-from shared.artifacts import load_artifacts
-from shared.generations import GenerationKeys
-from shared.settings import Settings
-from shared.store import decode_result
-from worker.ranking import Ranker
+from recfleet.cli.client import submit, wait
+from recfleet.cli.fleet import LocalFleet
+from recfleet.shared.artifacts import load_artifacts
+from recfleet.shared.generations import GenerationKeys
+from recfleet.shared.settings import Settings
+from recfleet.shared.store import decode_result
+from recfleet.worker.ranking import Ranker
 
 pytestmark = pytest.mark.e2e
 
@@ -66,7 +66,7 @@ def test_worker_refuses_corrupt_artifacts_with_a_clear_message(
     import subprocess
     import sys
 
-    from cli.fleet import settings_env
+    from recfleet.cli.fleet import settings_env
 
     broken = tmp_path / "broken"
     shutil.copytree(fleet_settings.artifacts, broken)
@@ -75,7 +75,7 @@ def test_worker_refuses_corrupt_artifacts_with_a_clear_message(
         fh.write(b"\xff\xff\xff")
     env = settings_env(fleet_settings.model_copy(update={"artifacts": broken}))
     proc = subprocess.run(
-        [sys.executable, "-m", "cli.main", "worker"],
+        [sys.executable, "-m", "recfleet.cli.main", "worker"],
         env=env,
         capture_output=True,
         text=True,

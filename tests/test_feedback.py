@@ -23,13 +23,13 @@ from fastapi import FastAPI
 from psycopg import sql
 from pydantic import PostgresDsn
 
-from api.app import create_app
-from cli.fleet import LocalFleet
-from cli.main import cli
-from shared.generations import GenerationKeys, bucket_mappings
-from shared.migrate import MIGRATIONS_DIR, MigrationError, upgrade
-from shared.settings import Settings
-from shared.store import Keys, encode_results, model_tag
+from recfleet.api.app import create_app
+from recfleet.cli.fleet import LocalFleet
+from recfleet.cli.main import cli
+from recfleet.shared.generations import GenerationKeys, bucket_mappings
+from recfleet.shared.migrate import MIGRATIONS_DIR, MigrationError, upgrade
+from recfleet.shared.settings import Settings
+from recfleet.shared.store import Keys, encode_results, model_tag
 from tests.conftest import database_url_for, free_port
 
 GENERATED_AT = 1_750_000_000
@@ -382,8 +382,8 @@ def test_simulated_users_like_the_trained_model_more_than_the_fallback(
 ) -> None:
     """Serve the trained model, simulate users; roll out the popularity baseline, simulate
     the same users; the CTR per model version says which one they liked more."""
-    from cli.client import submit, wait
-    from shared.artifacts import read_manifest
+    from recfleet.cli.client import submit, wait
+    from recfleet.shared.artifacts import read_manifest
 
     trained_version = read_manifest(fleet_settings.artifacts)["model_version"]
     baseline_version = f"{trained_version}-popularity"

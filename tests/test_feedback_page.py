@@ -17,10 +17,10 @@ import pytest
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 from pydantic import PostgresDsn
 
-from cli.client import submit, wait
-from cli.fleet import LocalFleet, settings_env
-from shared.artifacts import read_manifest
-from shared.settings import Settings
+from recfleet.cli.client import submit, wait
+from recfleet.cli.fleet import LocalFleet, settings_env
+from recfleet.shared.artifacts import read_manifest
+from recfleet.shared.settings import Settings
 from tests.conftest import free_port, make_settings, purge
 
 pytestmark = pytest.mark.e2e
@@ -191,7 +191,7 @@ def gateway(settings: Settings, log: Path) -> Iterator[str]:
     """A gateway process alone; yields its URL."""
     with log.open("wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "cli.main", "api"],
+            [sys.executable, "-m", "recfleet.cli.main", "api"],
             env=settings_env(settings),
             stdout=out,
             stderr=subprocess.STDOUT,

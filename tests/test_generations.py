@@ -6,7 +6,7 @@ import httpx
 import pytest
 from redis.crc import key_slot
 
-from shared.generations import (
+from recfleet.shared.generations import (
     GenerationKeys,
     activate,
     finalize_steps,
@@ -14,10 +14,10 @@ from shared.generations import (
     prune,
     run_steps,
 )
-from shared.messages import make_jobs
-from shared.settings import Settings
-from shared.store import Keys, new_batch_fields
-from worker.handler import JobHandler
+from recfleet.shared.messages import make_jobs
+from recfleet.shared.settings import Settings
+from recfleet.shared.store import Keys, new_batch_fields
+from recfleet.worker.handler import JobHandler
 
 
 def run_batch(handler: JobHandler, batch_id: str, users: list[int], *, last: bool = True) -> None:
@@ -112,7 +112,7 @@ async def test_open_append_seal_over_http(
     assert status["sealed"] is False and status["jobs_total"] == 2  # job size 1000
 
     # The workers finish everything before the seal: the seal itself runs the switch.
-    from shared.messages import decode_job
+    from recfleet.shared.messages import decode_job
     from tests.test_api import _get_all
 
     for _, body in _get_all(fleet_settings):

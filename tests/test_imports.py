@@ -20,30 +20,34 @@ def _modules_after_import(code: str) -> set[str]:
 
 def test_importing_every_api_module_never_loads_torch() -> None:
     code = (
-        "import importlib, pkgutil, api\n"
-        "for m in pkgutil.walk_packages(api.__path__, 'api.'):\n"
+        "import importlib, pkgutil, recfleet.api as api\n"
+        "for m in pkgutil.walk_packages(api.__path__, 'recfleet.api.'):\n"
         "    importlib.import_module(m.name)\n"
-        "from api.app import create_app\n"
+        "from recfleet.api.app import create_app\n"
         "create_app()"
     )
     loaded = _modules_after_import(code)
-    assert "api.app" in loaded
+    assert "recfleet.api.app" in loaded
     assert "torch" not in loaded
-    assert not any(m.startswith(("worker", "offline")) for m in loaded)
+    assert not any(m.startswith(("recfleet.worker", "recfleet.offline")) for m in loaded)
 
 
 @pytest.mark.parametrize("package", ["shared"])
 def test_shared_imports_neither_side(package: str) -> None:
     code = (
-        f"import importlib, pkgutil, {package}\n"
-        f"for m in pkgutil.walk_packages({package}.__path__, '{package}.'):\n"
+        f"import importlib, pkgutil, recfleet.{package} as pkg\n"
+        f"for m in pkgutil.walk_packages(pkg.__path__, 'recfleet.{package}.'):\n"
         "    importlib.import_module(m.name)"
     )
     loaded = _modules_after_import(code)
     assert "torch" not in loaded
-    assert not any(m.split(".")[0] in ("api", "worker", "offline", "cli") for m in loaded)
+    assert not any(
+        m.startswith(f"recfleet.{side}")
+        for side in ("api", "worker", "offline", "cli")
+        for m in loaded
+    )
 
 
 def test_worker_loads_torch_only_when_used() -> None:
-    loaded = _modules_after_import("import worker.handler")
+    loaded = _modules_after_import("import recfleet.worker.handler")
     assert "torch" in loaded  # the worker is where torch lives

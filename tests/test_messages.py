@@ -5,8 +5,8 @@ from __future__ import annotations
 import orjson
 import pytest
 
-from shared.errors import UndecodableMessage
-from shared.messages import SCHEMA_VERSION, Job, decode_job, make_jobs, new_id
+from recfleet.shared.errors import UndecodableMessage
+from recfleet.shared.messages import SCHEMA_VERSION, Job, decode_job, make_jobs, new_id
 
 
 def test_split_into_jobs_of_at_most_job_size_in_order() -> None:

@@ -27,10 +27,10 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from cli.client import submit, wait
-from cli.fleet import LocalFleet
-from cli.main import cli
-from shared.settings import Settings
+from recfleet.cli.client import submit, wait
+from recfleet.cli.fleet import LocalFleet
+from recfleet.cli.main import cli
+from recfleet.shared.settings import Settings
 from tests.conftest import free_port, make_settings, purge
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from offline.build import TRUTH_FILE, build_artifacts
-from offline.candidates import build_candidates
-from offline.evaluate import expected_ranks, rank_metrics, split_holdout
-from offline.pairing import nearest_neighbours
-from offline.synthetic import SyntheticTruth, generate, preference
-from shared.artifacts import MANIFEST, load_artifacts
-from shared.errors import ArtifactError
+from recfleet.offline.build import TRUTH_FILE, build_artifacts
+from recfleet.offline.candidates import build_candidates
+from recfleet.offline.evaluate import expected_ranks, rank_metrics, split_holdout
+from recfleet.offline.pairing import nearest_neighbours
+from recfleet.offline.synthetic import SyntheticTruth, generate, preference
+from recfleet.shared.artifacts import MANIFEST, load_artifacts
+from recfleet.shared.errors import ArtifactError
 
 SMALL = {"n_users": 3000, "n_playlists": 1000}
 

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from worker import bench_rank, ranking
-from worker.ranking import Ranker, RankResult, rank_reference
+from recfleet.worker import bench_rank, ranking
+from recfleet.worker.ranking import Ranker, RankResult, rank_reference
 
 K = 10
 
@@ -216,7 +216,7 @@ def write_artifacts(path: Path, model: dict[str, np.ndarray]) -> None:
     """A real artifact directory in the shared format, from small tables."""
     from safetensors.numpy import save_file
 
-    from shared.artifacts import EMBEDDINGS, NPY_FILES, write_manifest
+    from recfleet.shared.artifacts import EMBEDDINGS, NPY_FILES, write_manifest
 
     path.mkdir()
     save_file(
@@ -242,7 +242,7 @@ def write_artifacts(path: Path, model: dict[str, np.ndarray]) -> None:
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
 def test_from_memory_mapped_artifacts(tmp_path: Path, dtype: type) -> None:
-    from shared.artifacts import load_artifacts
+    from recfleet.shared.artifacts import load_artifacts
 
     model = make_model(12, dtype=dtype)
     write_artifacts(tmp_path / "art", model)

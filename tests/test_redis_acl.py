@@ -20,14 +20,14 @@ import pytest
 import redis
 from pydantic import RedisDsn
 
-from api.app import create_app
-from shared.messages import Job, decode_job
-from shared.settings import Settings
-from shared.topology import queue_names
+from recfleet.api.app import create_app
+from recfleet.shared.messages import Job, decode_job
+from recfleet.shared.settings import Settings
+from recfleet.shared.topology import queue_names
+from recfleet.worker.handler import JobHandler
+from recfleet.worker.models import ModelStore
 from tests.conftest import make_settings
 from tests.faults.conftest import PrivateRedis
-from worker.handler import JobHandler
-from worker.models import ModelStore
 
 ACL_FILE = Path(__file__).resolve().parents[1] / "deploy" / "redis" / "users.acl"
 USERS = ("admin", "gateway", "worker")

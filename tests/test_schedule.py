@@ -7,8 +7,8 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from click.testing import CliRunner
 
-from cli.main import cli
-from cli.schedule import next_run, parse_daily_at, run_daily
+from recfleet.cli.main import cli
+from recfleet.cli.schedule import next_run, parse_daily_at, run_daily
 
 
 @pytest.mark.parametrize(

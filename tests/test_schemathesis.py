@@ -22,8 +22,8 @@ from pydantic import PostgresDsn
 from schemathesis import GenerationMode, checks
 from schemathesis.core.result import Ok
 
-from api.app import create_app
-from shared.settings import Settings
+from recfleet.api.app import create_app
+from recfleet.shared.settings import Settings
 from tests.conftest import make_settings, purge
 from tests.faults import report
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from shared.generations import GenerationKeys
-from shared.store import Keys, batch_status, decode_result, encode_results, model_tag
+from recfleet.shared.generations import GenerationKeys
+from recfleet.shared.store import Keys, batch_status, decode_result, encode_results, model_tag
 
 
 def test_results_round_trip_with_padding_and_cold_flag() -> None:

@@ -10,15 +10,15 @@ import numpy as np
 import pika
 import redis
 
-from api.app import create_app
-from shared.artifacts import CURRENT, load_artifacts
-from shared.messages import make_jobs
-from shared.settings import Settings
-from shared.store import Keys, new_batch_fields
-from worker.consumer import Consumer, declare_topology
-from worker.handler import JobHandler
-from worker.models import ModelStore
-from worker.ranking import Ranker
+from recfleet.api.app import create_app
+from recfleet.shared.artifacts import CURRENT, load_artifacts
+from recfleet.shared.messages import make_jobs
+from recfleet.shared.settings import Settings
+from recfleet.shared.store import Keys, new_batch_fields
+from recfleet.worker.consumer import Consumer, declare_topology
+from recfleet.worker.handler import JobHandler
+from recfleet.worker.models import ModelStore
+from recfleet.worker.ranking import Ranker
 
 
 async def test_sync_answers_through_the_fleet_and_writes_results(
@@ -74,7 +74,7 @@ async def test_sync_without_workers_is_504(fleet_settings: Settings) -> None:
 def test_rollout_between_jobs_never_mixes_versions_in_a_batch(
     fleet_settings: Settings, small_artifacts: Path, tmp_path: Path
 ) -> None:
-    from offline.build import build_artifacts
+    from recfleet.offline.build import build_artifacts
 
     root = tmp_path / "models"
     shutil.copytree(small_artifacts, root / "v1")

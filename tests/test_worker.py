@@ -8,15 +8,15 @@ import numpy as np
 import pika
 import redis
 
-from shared.artifacts import load_artifacts
-from shared.generations import GenerationKeys
-from shared.messages import make_jobs
-from shared.settings import Settings
-from shared.store import Keys, decode_result, new_batch_fields
-from shared.topology import HEADER_BATCH_ID, HEADER_USERS
-from worker.consumer import Consumer, declare_topology
-from worker.handler import JobHandler
-from worker.ranking import Ranker
+from recfleet.shared.artifacts import load_artifacts
+from recfleet.shared.generations import GenerationKeys
+from recfleet.shared.messages import make_jobs
+from recfleet.shared.settings import Settings
+from recfleet.shared.store import Keys, decode_result, new_batch_fields
+from recfleet.shared.topology import HEADER_BATCH_ID, HEADER_USERS
+from recfleet.worker.consumer import Consumer, declare_topology
+from recfleet.worker.handler import JobHandler
+from recfleet.worker.ranking import Ranker
 
 
 def _snapshot(client: redis.Redis, prefix: str) -> dict[bytes, object]:
@@ -118,7 +118,7 @@ async def test_users_of_dead_lettered_jobs_are_listed_on_request(
 ) -> None:
     import httpx
 
-    from api.app import create_app
+    from recfleet.api.app import create_app
 
     keys = Keys(fleet_settings.redis_prefix)
     jobs = make_jobs("b4", list(range(1500)), 1000)
@@ -157,7 +157,7 @@ async def test_users_of_dead_lettered_jobs_are_listed_on_request(
 def test_worker_http_probes_tell_consuming_from_alive(running_consumer: Consumer) -> None:
     import httpx
 
-    from worker.server import serve
+    from recfleet.worker.server import serve
 
     server = serve("127.0.0.1", 0, lambda: running_consumer.healthy, lambda: running_consumer.alive)
     base = f"http://127.0.0.1:{server.server_address[1]}"

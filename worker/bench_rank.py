@@ -4,8 +4,8 @@ Builds synthetic tables (or maps a real artifact directory), warms up, then time
 ``Ranker.rank`` on jobs of random users and reports the median users/s over repeats,
 with ``--compare`` running the per-user-loop and padded-bmm baselines side by side::
 
-    python -m worker.bench_rank --users 1000000 --playlists 1000000 --distribution zipf --compare
-    python -m worker.bench_rank --artifacts artifacts/current --json
+    recfleet bench rank --users 1000000 --playlists 1000000 --distribution zipf --compare
+    recfleet bench rank --artifacts artifacts/current --json
 
 Synthetic candidates: 20–100 per user (uniform), playlist rows drawn uniformly or from a
 Zipf-like popularity law (``w = (rank + 1) ** -0.9`` as in ``offline.synthetic``, ranks
@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from worker.ranking import Ranker
+from recfleet.worker.ranking import Ranker
 
 ZIPF_EXPONENT = 0.9
 MIN_CANDIDATES, MAX_CANDIDATES = 20, 100
@@ -174,7 +174,7 @@ def run(
     Raises shared.errors.ArtifactError for an unreadable artifact directory.
     """
     if artifacts is not None:
-        from shared.artifacts import load_artifacts
+        from recfleet.shared.artifacts import load_artifacts
 
         art = load_artifacts(artifacts, verify_checksums=False)
         model = {

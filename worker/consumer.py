@@ -29,10 +29,10 @@ from pika.adapters.blocking_connection import BlockingChannel
 from pika.spec import Basic, BasicProperties
 from tenacity import Retrying, retry_if_exception_type, stop_when_event_set, wait_exponential
 
-from shared.errors import TransientError, UndecodableMessage
-from shared.messages import ID_PATTERN, decode_job
-from shared.settings import Settings
-from shared.topology import (
+from recfleet.shared.errors import TransientError, UndecodableMessage
+from recfleet.shared.messages import ID_PATTERN, decode_job
+from recfleet.shared.settings import Settings
+from recfleet.shared.topology import (
     HEADER_BATCH_ID,
     HEADER_USERS,
     dead_events_queue_arguments,
@@ -40,9 +40,9 @@ from shared.topology import (
     jobs_queue_arguments,
     sync_queue_arguments,
 )
-from worker import metrics
-from worker.handler import JobHandler
-from worker.lanes import BATCH, URGENT, PriorityLane
+from recfleet.worker import metrics
+from recfleet.worker.handler import JobHandler
+from recfleet.worker.lanes import BATCH, URGENT, PriorityLane
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

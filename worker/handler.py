@@ -12,14 +12,14 @@ from dataclasses import dataclass
 import numpy as np
 import redis
 
-from shared.drift import POPULARITY_LABELS
-from shared.errors import TransientError
-from shared.generations import GenerationKeys, bucket_mappings, finalize_steps, run_steps
-from shared.messages import Job
-from shared.settings import Settings
-from shared.store import COMPLETED, PROGRESS_SCRIPT, Keys, encode_results, popularity_args
-from worker import metrics
-from worker.models import Model, ModelStore
+from recfleet.shared.drift import POPULARITY_LABELS
+from recfleet.shared.errors import TransientError
+from recfleet.shared.generations import GenerationKeys, bucket_mappings, finalize_steps, run_steps
+from recfleet.shared.messages import Job
+from recfleet.shared.settings import Settings
+from recfleet.shared.store import COMPLETED, PROGRESS_SCRIPT, Keys, encode_results, popularity_args
+from recfleet.worker import metrics
+from recfleet.worker.models import Model, ModelStore
 
 log = logging.getLogger(__name__)
 

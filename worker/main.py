@@ -12,12 +12,12 @@ from types import FrameType
 import redis
 import torch
 
-from shared.logs import configure_logging
-from shared.settings import Settings
-from worker.consumer import Consumer
-from worker.handler import JobHandler
-from worker.models import ModelStore
-from worker.server import serve
+from recfleet.shared.logs import configure_logging
+from recfleet.shared.settings import Settings
+from recfleet.worker.consumer import Consumer
+from recfleet.worker.handler import JobHandler
+from recfleet.worker.models import ModelStore
+from recfleet.worker.server import serve
 
 log = logging.getLogger(__name__)
 

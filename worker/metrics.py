@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram
 
-from shared import metrics as names
-from shared.drift import POPULARITY_LABELS
+from recfleet.shared import metrics as names
+from recfleet.shared.drift import POPULARITY_LABELS
 
 _JOB_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 

@@ -17,18 +17,18 @@ from pathlib import Path
 
 import numpy as np
 
-from shared.artifacts import (
+from recfleet.shared.artifacts import (
     MANIFEST,
     Artifacts,
     current_dir,
     load_artifacts,
     read_manifest,
 )
-from shared.drift import POPULARITY_EDGES
-from shared.errors import ArtifactError, TransientError
-from shared.store import model_tag
-from worker import metrics
-from worker.ranking import Ranker
+from recfleet.shared.drift import POPULARITY_EDGES
+from recfleet.shared.errors import ArtifactError, TransientError
+from recfleet.shared.store import model_tag
+from recfleet.worker import metrics
+from recfleet.worker.ranking import Ranker
 
 log = logging.getLogger(__name__)
 

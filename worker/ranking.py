@@ -26,7 +26,7 @@ How a job is ranked (no per-user Python loop):
 Figures: one torch thread, a 2-core AMD EPYC (Zen 4) VM shared with other jobs, 1M
 users, jobs of 1000, 20–100 candidates per user (mean 60), dim 128, top 10; median
 users/s of 7 repeats of 40 jobs, low–high over two separate runs of
-``python -m worker.bench_rank --playlists P --distribution D --compare`` (Zipf-like
+``python -m recfleet.worker.bench_rank --playlists P --distribution D --compare`` (Zipf-like
 exponent 0.9, popular rows scattered over the table):
 
 ==============================  ============  ==========  ===========  ==========
@@ -74,7 +74,7 @@ import numpy as np
 import torch
 
 if TYPE_CHECKING:
-    from shared.artifacts import Artifacts
+    from recfleet.shared.artifacts import Artifacts
 
 _PAD_KEY = np.iinfo(np.int64).min
 _LOW_MAX = 2**31 - 1  # low key half: _LOW_MAX - row, so a lower row sorts higher

@@ -10,12 +10,12 @@ import numpy as np
 import orjson
 from fastapi import APIRouter, Header, HTTPException, Path, Query, status
 
-from api import metrics
-from api.broker import PublishFailed
-from api.deps import Clients, ClientsDep
-from api.idempotency import KEY_PATTERN, IdempotencyConflict, IdempotencyStore, digest
-from api.schemas import BatchAccepted, BatchOpened, BatchRequest, BatchStatus, Problem
-from shared.generations import (
+from recfleet.api import metrics
+from recfleet.api.broker import PublishFailed
+from recfleet.api.deps import Clients, ClientsDep
+from recfleet.api.idempotency import KEY_PATTERN, IdempotencyConflict, IdempotencyStore, digest
+from recfleet.api.schemas import BatchAccepted, BatchOpened, BatchRequest, BatchStatus, Problem
+from recfleet.shared.generations import (
     APPEND_SCRIPT,
     PENDING,
     REJECTED,
@@ -23,8 +23,8 @@ from shared.generations import (
     finalize_steps,
     run_steps_async,
 )
-from shared.messages import ID_PATTERN, Job, make_jobs, new_id
-from shared.store import batch_status, new_batch_fields
+from recfleet.shared.messages import ID_PATTERN, Job, make_jobs, new_id
+from recfleet.shared.store import batch_status, new_batch_fields
 
 log = logging.getLogger(__name__)
 router = APIRouter(tags=["batches"])

@@ -32,13 +32,13 @@ from pydantic import BaseModel, Field
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from api import metrics
-from api.deps import Clients, ClientsDep
-from api.schemas import Problem
-from shared.drift import chi_square, cold_fraction
-from shared.messages import ID_PATTERN
-from shared.settings import Settings
-from shared.store import batch_status
+from recfleet.api import metrics
+from recfleet.api.deps import Clients, ClientsDep
+from recfleet.api.schemas import Problem
+from recfleet.shared.drift import chi_square, cold_fraction
+from recfleet.shared.messages import ID_PATTERN
+from recfleet.shared.settings import Settings
+from recfleet.shared.store import batch_status
 
 log = logging.getLogger(__name__)
 

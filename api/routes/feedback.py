@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from fastapi import APIRouter, HTTPException, Response, status
 
-from api.db import FAILURES, Database, DatabaseUnavailable, LikeConflict, LikeRefused
-from api.deps import Clients, ClientsDep
-from api.schemas import Problem
-from shared.feedback import Impression, ImpressionRequest, Like, LikeRequest
+from recfleet.api.db import FAILURES, Database, DatabaseUnavailable, LikeConflict, LikeRefused
+from recfleet.api.deps import Clients, ClientsDep
+from recfleet.api.schemas import Problem
+from recfleet.shared.feedback import Impression, ImpressionRequest, Like, LikeRequest
 
 router = APIRouter(tags=["feedback"])
 RETRY_AFTER_S = "5"

@@ -6,8 +6,8 @@ from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from api.deps import ClientsDep
-from api.metrics import REGISTRY
+from recfleet.api.deps import ClientsDep
+from recfleet.api.metrics import REGISTRY
 
 router = APIRouter(tags=["operations"])
 

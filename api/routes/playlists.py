@@ -8,10 +8,10 @@ from typing import Annotated
 import orjson
 from fastapi import APIRouter, HTTPException, Path, Response, status
 
-from api.deps import ClientsDep
-from api.schemas import Problem, SyncResult, UserIdsRequest, UserResult
-from api.sync import SyncTimeout
-from shared.messages import MAX_USER_ID, Job, new_id
+from recfleet.api.deps import ClientsDep
+from recfleet.api.schemas import Problem, SyncResult, UserIdsRequest, UserResult
+from recfleet.api.sync import SyncTimeout
+from recfleet.shared.messages import MAX_USER_ID, Job, new_id
 
 router = APIRouter(tags=["playlists"])
 

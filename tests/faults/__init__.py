@@ -32,13 +32,13 @@ import numpy as np
 import pika
 import redis
 
-from cli.fleet import settings_env
-from shared.errors import UndecodableMessage
-from shared.generations import GenerationKeys
-from shared.messages import decode_job
-from shared.settings import Settings
-from shared.store import HEADER, Keys, batch_status, encode_results, model_tag
-from shared.topology import HEADER_BATCH_ID
+from recfleet.cli.fleet import settings_env
+from recfleet.shared.errors import UndecodableMessage
+from recfleet.shared.generations import GenerationKeys
+from recfleet.shared.messages import decode_job
+from recfleet.shared.settings import Settings
+from recfleet.shared.store import HEADER, Keys, batch_status, encode_results, model_tag
+from recfleet.shared.topology import HEADER_BATCH_ID
 
 REPO = Path(__file__).resolve().parents[2]
 # Figures lines of this session, repeated in the terminal summary.
@@ -99,8 +99,8 @@ class Fleet:
         self.worker_settings = worker_settings or settings
         self.log_dir = log_dir
         self.processes = processes
-        # A replacement for ``python -m cli.main`` (a test's wrapper script, say).
-        self.worker_argv = list(worker_argv or [sys.executable, "-m", "cli.main"])
+        # A replacement for ``python -m recfleet.cli.main`` (a test's wrapper script, say).
+        self.worker_argv = list(worker_argv or [sys.executable, "-m", "recfleet.cli.main"])
         self.gateway: subprocess.Popen[bytes] | None = None
         self.workers: subprocess.Popen[bytes] | None = None
         self._worker_runs = 0
@@ -122,7 +122,7 @@ class Fleet:
     def start_gateway(self, *, wait_ready: bool = True) -> None:
         gateway_settings = self.settings.model_copy(update={"log_level": "INFO"})
         self.gateway = self._spawn(
-            [sys.executable, "-m", "cli.main", "api"], gateway_settings, "gateway.log"
+            [sys.executable, "-m", "recfleet.cli.main", "api"], gateway_settings, "gateway.log"
         )
         if wait_ready:
             wait_until(self.ready, 60, "the gateway to be ready")
@@ -371,8 +371,8 @@ def _direct(
     artifacts: Path, top_k: int, users: tuple[int, ...]
 ) -> tuple[np.ndarray, np.ndarray, int]:
     """Rank ``users`` directly (no broker, no Redis): external ids, cold flags, model tag."""
-    from shared.artifacts import load_artifacts
-    from worker.ranking import Ranker
+    from recfleet.shared.artifacts import load_artifacts
+    from recfleet.worker.ranking import Ranker
 
     art = load_artifacts(artifacts)
     ranked = Ranker.from_artifacts(art, k=top_k).rank(art.user_rows(np.asarray(users)))

@@ -30,8 +30,8 @@ from typing import Any, TypeVar
 import pytest
 from pydantic import AmqpDsn, RedisDsn
 
-from shared.messages import new_id
-from shared.settings import Settings
+from recfleet.shared.messages import new_id
+from recfleet.shared.settings import Settings
 from tests.conftest import free_port, make_settings, purge
 from tests.faults import FIGURES
 

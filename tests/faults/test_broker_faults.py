@@ -12,7 +12,7 @@ import pytest
 import redis
 from pydantic import AmqpDsn
 
-from shared.settings import Settings
+from recfleet.shared.settings import Settings
 from tests.faults import (
     BATCH_USERS,
     Fleet,

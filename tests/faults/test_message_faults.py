@@ -15,9 +15,12 @@ import pytest
 import redis
 from prometheus_client import REGISTRY
 
-from cli.fleet import settings_env
-from shared.messages import Job
-from shared.settings import Settings
+from recfleet.cli.fleet import settings_env
+from recfleet.shared.messages import Job
+from recfleet.shared.settings import Settings
+from recfleet.worker.consumer import Consumer
+from recfleet.worker.handler import JobHandler, JobSummary
+from recfleet.worker.models import ModelStore
 from tests.faults import (
     BATCH_USERS,
     REPO,
@@ -30,9 +33,6 @@ from tests.faults import (
     wait_complete,
     wait_until,
 )
-from worker.consumer import Consumer
-from worker.handler import JobHandler, JobSummary
-from worker.models import ModelStore
 
 pytestmark = pytest.mark.faults
 
@@ -113,7 +113,7 @@ POISON_WORKER = f"""
 import os
 import sys
 
-from worker.handler import JobHandler
+from recfleet.worker.handler import JobHandler
 
 _handle = JobHandler.handle
 
@@ -127,7 +127,7 @@ def handle(self, job, **kwargs):
 JobHandler.handle = handle
 
 if __name__ == "__main__":
-    from cli.main import main
+    from recfleet.cli.main import main
 
     sys.exit(main())
 """
@@ -153,7 +153,7 @@ def publish(settings: Settings, messages: dict[str, tuple[bytes, pika.BasicPrope
 
 def recfleet(settings: Settings, *args: str) -> str:
     done = subprocess.run(
-        [sys.executable, "-m", "cli.main", *args],
+        [sys.executable, "-m", "recfleet.cli.main", *args],
         env=settings_env(settings),
         cwd=REPO,
         capture_output=True,
@@ -192,7 +192,7 @@ def test_malformed_messages_and_a_poison_job_end_in_the_dead_letter_queue(
 
         # The bug is fixed (ordinary workers): the operator replays the batch's dead jobs.
         assert fleet.stop_workers() == 0
-        fleet.worker_argv = [sys.executable, "-m", "cli.main"]
+        fleet.worker_argv = [sys.executable, "-m", "recfleet.cli.main"]
         fleet.start_workers()
         (batch_id,) = batches
         replayed = recfleet(settings, "dlq", "replay", "--batch", batch_id)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from shared.settings import Settings
+from recfleet.shared.settings import Settings
 from tests.faults import (
     Fleet,
     assert_invariant,
