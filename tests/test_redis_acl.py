@@ -26,8 +26,8 @@ from recfleet.shared.settings import Settings
 from recfleet.shared.topology import queue_names
 from recfleet.worker.handler import JobHandler
 from recfleet.worker.models import ModelStore
-from tests.conftest import make_settings
-from tests.faults.conftest import PrivateRedis
+from tests.support.services import PrivateRedis
+from tests.support.settings import make_settings
 
 ACL_FILE = Path(__file__).resolve().parents[1] / "deploy" / "redis" / "users.acl"
 USERS = ("admin", "gateway", "worker")

@@ -13,20 +13,20 @@ import redis
 from pydantic import AmqpDsn
 
 from recfleet.shared.settings import Settings
-from tests.faults import (
+from tests.support.batches import (
     BATCH_USERS,
-    Fleet,
-    assert_invariant,
-    check_invariant,
     post_batch,
     progress,
-    report_tally,
     submit_batches,
     wait_complete,
     wait_fraction,
-    wait_until,
 )
-from tests.faults.conftest import PrivateRabbit, TcpProxy
+from tests.support.fleet import Fleet
+from tests.support.invariants import assert_invariant, check_invariant
+from tests.support.polling import wait_until
+from tests.support.proxy import TcpProxy
+from tests.support.reports import report_tally
+from tests.support.services import PrivateRabbit
 
 pytestmark = pytest.mark.faults
 
@@ -84,7 +84,7 @@ def test_broker_unreachable_at_start(
     with Fleet(settings, tmp_path) as fleet:
         fleet.start_gateway(wait_ready=False)
         fleet.start_workers(wait_consuming=False)
-        assert fleet.gateway is not None and fleet.workers is not None
+        assert fleet.api is not None and fleet.workers is not None
         wait_until(lambda: _answers(f"{fleet.base_url}/healthz"), 60, "the gateway to serve")
         wait_until(lambda: len(fleet.worker_children()) == 2, 60, "both workers to start")
         children = fleet.worker_children()
@@ -92,7 +92,7 @@ def test_broker_unreachable_at_start(
         deadline = time.monotonic() + 5
         while time.monotonic() < deadline:
             assert not fleet.ready()
-            assert fleet.gateway.poll() is None and fleet.workers.poll() is None
+            assert fleet.api.poll() is None and fleet.workers.poll() is None
             time.sleep(0.2)
         assert_refused(post_batch(fleet.base_url, BATCH_USERS))
         assert not fleet.workers_consuming()

@@ -15,24 +15,17 @@ import pytest
 import redis
 from prometheus_client import REGISTRY
 
-from recfleet.cli.fleet import settings_env
+from recfleet.cli.fleet import RECFLEET, settings_env
 from recfleet.shared.messages import Job
 from recfleet.shared.settings import Settings
 from recfleet.worker.consumer import Consumer
 from recfleet.worker.handler import JobHandler, JobSummary
 from recfleet.worker.models import ModelStore
-from tests.faults import (
-    BATCH_USERS,
-    REPO,
-    Fleet,
-    assert_invariant,
-    check_invariant,
-    dead_letters,
-    report_tally,
-    submit_batches,
-    wait_complete,
-    wait_until,
-)
+from tests.support.batches import BATCH_USERS, submit_batches, wait_complete
+from tests.support.fleet import Fleet
+from tests.support.invariants import assert_invariant, check_invariant, dead_letters
+from tests.support.polling import wait_until
+from tests.support.reports import report_tally
 
 pytestmark = pytest.mark.faults
 
@@ -153,9 +146,8 @@ def publish(settings: Settings, messages: dict[str, tuple[bytes, pika.BasicPrope
 
 def recfleet(settings: Settings, *args: str) -> str:
     done = subprocess.run(
-        [sys.executable, "-m", "recfleet.cli.main", *args],
+        [*RECFLEET, *args],
         env=settings_env(settings),
-        cwd=REPO,
         capture_output=True,
         text=True,
         timeout=120,
@@ -183,16 +175,14 @@ def test_malformed_messages_and_a_poison_job_end_in_the_dead_letter_queue(
         fleet.start_workers()
         wait_complete(settings, list(batches), timeout=180)
         redelivered = fleet.redeliveries()
-        crashes = sum(
-            log.read_text().count("exited with 70") for log in tmp_path.glob("worker-*.log")
-        )
+        crashes = fleet.worker_restarts().count("70")
         dead = dead_letters(settings)
         tally = check_invariant(settings, batches, dead)
         listing = recfleet(settings, "dlq", "list")
 
         # The bug is fixed (ordinary workers): the operator replays the batch's dead jobs.
         assert fleet.stop_workers() == 0
-        fleet.worker_argv = [sys.executable, "-m", "recfleet.cli.main"]
+        fleet.worker_argv = list(RECFLEET)
         fleet.start_workers()
         (batch_id,) = batches
         replayed = recfleet(settings, "dlq", "replay", "--batch", batch_id)

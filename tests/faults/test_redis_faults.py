@@ -9,19 +9,18 @@ import httpx
 import pytest
 
 from recfleet.shared.settings import Settings
-from tests.faults import (
+from tests.support.batches import (
     BATCH_USERS,
-    Fleet,
-    assert_invariant,
-    check_invariant,
     post_batch,
-    report_tally,
     submit_batches,
     wait_complete,
     wait_fraction,
-    wait_until,
 )
-from tests.faults.conftest import PrivateRedis
+from tests.support.fleet import Fleet
+from tests.support.invariants import assert_invariant, check_invariant
+from tests.support.polling import wait_until
+from tests.support.reports import report_tally
+from tests.support.services import PrivateRedis
 
 pytestmark = pytest.mark.faults
 OUTAGE_S = 3.0
