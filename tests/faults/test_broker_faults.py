@@ -105,16 +105,18 @@ def test_broker_unreachable_at_start(
         assert fleet.worker_children() == children
         batches = submit_batches(fleet.base_url, 3)
         wait_complete(fault_settings, list(batches))
+        restarts = fleet.worker_restarts()
     tally = check_invariant(fault_settings, batches)
     report_tally(
         "broker unreachable at start",
         tally,
         submitted=tally.users + len(BATCH_USERS),
         refused_while_down=len(BATCH_USERS),
-        worker_restarts=0,
+        worker_restarts=len(restarts),
         recovered_s=f"{recovered_s:.1f}",
     )
     assert_invariant(tally)
+    assert restarts == [], f"the supervisor restarted workers that exited with {restarts}"
 
 
 def _answers(url: str) -> bool:
