@@ -25,6 +25,7 @@ from tests.support.batches import BATCH_USERS, submit_batches, wait_complete
 from tests.support.fleet import Fleet
 from tests.support.invariants import assert_invariant, check_invariant, dead_letters
 from tests.support.polling import wait_until
+from tests.support.queues import publish, read_queue
 from tests.support.reports import report_tally
 
 pytestmark = pytest.mark.faults
@@ -133,17 +134,6 @@ MALFORMED = {
 }
 
 
-def publish(settings: Settings, messages: dict[str, tuple[bytes, pika.BasicProperties]]) -> None:
-    conn = pika.BlockingConnection(pika.URLParameters(str(settings.amqp_url)))
-    try:
-        channel = conn.channel()
-        channel.confirm_delivery()
-        for body, props in messages.values():
-            channel.basic_publish("", settings.jobs_queue, body, props, mandatory=True)
-    finally:
-        conn.close()
-
-
 def recfleet(settings: Settings, *args: str) -> str:
     done = subprocess.run(
         [*RECFLEET, *args],
@@ -167,10 +157,7 @@ def test_malformed_messages_and_a_poison_job_end_in_the_dead_letter_queue(
         batches = submit_batches(fleet.base_url, 1)
         publish(
             settings,
-            {
-                name: (body, pika.BasicProperties(message_id=name))
-                for name, body in MALFORMED.items()
-            },
+            [(body, pika.BasicProperties(message_id=name)) for name, body in MALFORMED.items()],
         )
         fleet.start_workers()
         wait_complete(settings, list(batches), timeout=180)
@@ -215,22 +202,6 @@ def test_malformed_messages_and_a_poison_job_end_in_the_dead_letter_queue(
 # -- the same job delivered more than once -----------------------------------------------------
 
 
-def copy_queue(settings: Settings) -> list[tuple[bytes, pika.BasicProperties]]:
-    """A copy of every message in the jobs queue, which keeps them all."""
-    conn = pika.BlockingConnection(pika.URLParameters(str(settings.amqp_url)))
-    messages = []
-    try:
-        channel = conn.channel()
-        while True:
-            method, props, body = channel.basic_get(settings.jobs_queue, auto_ack=False)
-            if method is None:
-                break
-            messages.append((body, props))
-    finally:
-        conn.close()  # unsettled: the originals go back to the queue
-    return messages
-
-
 def snapshot(settings: Settings) -> dict[bytes, object]:
     """Every key of the run: ledgers, job sets, result buckets, generation history.
 
@@ -258,7 +229,7 @@ def test_the_same_job_delivered_twice_changes_nothing(
     with Fleet(fault_settings, tmp_path) as fleet:
         fleet.start_gateway()
         batches = submit_batches(fleet.base_url, 2)
-        messages = copy_queue(fault_settings)
+        messages = read_queue(fault_settings, fault_settings.jobs_queue)
         fleet.start_workers()
         wait_complete(fault_settings, list(batches))
         wait_until(
@@ -269,8 +240,7 @@ def test_the_same_job_delivered_twice_changes_nothing(
         after_first = snapshot(fault_settings)
         # Twice more, both copies of a job in the queue at once, after the batches
         # completed and became current.
-        for copy in ("2nd", "3rd"):
-            publish(fault_settings, {f"{copy}-{i}": m for i, m in enumerate(messages)})
+        publish(fault_settings, messages * 2)
         wait_until(
             lambda: sum(fleet.jobs_handled().values()) == 3 * len(messages),
             60,

@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import pika
 import redis
 
 from recfleet.shared.errors import UndecodableMessage
@@ -23,6 +22,7 @@ from recfleet.shared.messages import decode_job
 from recfleet.shared.settings import Settings
 from recfleet.shared.store import HEADER, Keys, batch_status, encode_results, model_tag
 from recfleet.shared.topology import HEADER_BATCH_ID
+from tests.support.queues import read_queue
 
 
 @dataclass
@@ -35,22 +35,14 @@ class DeadLetter:
 
 def dead_letters(settings: Settings) -> list[DeadLetter]:
     """Everything in the dead-letter queue, left in place."""
-    conn = pika.BlockingConnection(pika.URLParameters(str(settings.amqp_url)))
     out = []
-    try:
-        channel = conn.channel()
-        while True:
-            method, props, body = channel.basic_get(settings.dead_letter_queue, auto_ack=False)
-            if method is None:
-                break
-            try:
-                users: list[int] | None = decode_job(body).user_ids
-            except UndecodableMessage:
-                users = None
-            batch_id = (props.headers or {}).get(HEADER_BATCH_ID)
-            out.append(DeadLetter(props.message_id, batch_id, users, body))
-    finally:
-        conn.close()  # unsettled messages go back to the queue
+    for body, props in read_queue(settings, settings.dead_letter_queue):
+        try:
+            users: list[int] | None = decode_job(body).user_ids
+        except UndecodableMessage:
+            users = None
+        batch_id = (props.headers or {}).get(HEADER_BATCH_ID)
+        out.append(DeadLetter(props.message_id, batch_id, users, body))
     return out
 
 
