@@ -41,7 +41,7 @@ class LocalFleet:
         self.start_api = start_api
         self.api: subprocess.Popen[bytes] | None = None
         self.workers: subprocess.Popen[bytes] | None = None
-        self.base_url = f"http://{settings.api_host}:{settings.api_port}"
+        self.base_url = settings.api_url
 
     def _spawn(self, name: str, args: list[str]) -> subprocess.Popen[bytes]:
         self.log_dir.mkdir(parents=True, exist_ok=True)

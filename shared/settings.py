@@ -64,6 +64,11 @@ class Settings(BaseSettings):
     log_json: bool = False
     log_level: str = "INFO"
 
+    @property
+    def api_url(self) -> str:
+        """The gateway's base URL, as clients on this host reach it."""
+        return f"http://{self.api_host}:{self.api_port}"
+
     def isolated(self, name: str, **overrides: object) -> Settings:
         """A copy whose queues, exchange and Redis prefix all carry ``name``, so that a
         benchmark or test run touches nothing else (and can delete all it made)."""
