@@ -23,9 +23,8 @@ from recfleet.api.metrics import MetricsMiddleware
 from recfleet.api.results import GenerationCache, ResultReader
 from recfleet.api.routes import batches, drift, feedback, health, page, playlists
 from recfleet.api.sync import SyncRequester
-from recfleet.shared.generations import GenerationKeys
+from recfleet.shared.keys import Keys
 from recfleet.shared.settings import Settings, get_settings
-from recfleet.shared.store import Keys
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +54,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 Keys(settings.redis_prefix),
                 GenerationCache(
                     redis,
-                    GenerationKeys(settings.redis_prefix),
+                    Keys(settings.redis_prefix),
                     settings.read_depth,
                     settings.generation_refresh_s,
                 ),

@@ -24,9 +24,9 @@ from recfleet.shared.artifacts import (
     load_artifacts,
     read_manifest,
 )
+from recfleet.shared.codec import model_tag
 from recfleet.shared.drift import POPULARITY_EDGES
 from recfleet.shared.errors import ArtifactError, TransientError
-from recfleet.shared.store import model_tag
 from recfleet.worker import metrics
 from recfleet.worker.ranking import Ranker
 

@@ -15,16 +15,17 @@ from recfleet.api.broker import PublishFailed
 from recfleet.api.deps import Clients, ClientsDep
 from recfleet.api.idempotency import KEY_PATTERN, IdempotencyConflict, IdempotencyStore, digest
 from recfleet.api.schemas import BatchAccepted, BatchOpened, BatchRequest, BatchStatus, Problem
-from recfleet.shared.generations import (
+from recfleet.shared.generations import finalize_steps, run_steps_async
+from recfleet.shared.ledger import (
+    APPEND_MISSING,
     APPEND_SCRIPT,
-    PENDING,
-    REJECTED,
+    APPEND_SEALED,
     SEAL_SCRIPT,
-    finalize_steps,
-    run_steps_async,
+    GenState,
+    LedgerStatus,
+    new_batch_fields,
 )
 from recfleet.shared.messages import ID_PATTERN, Job, make_jobs, new_id
-from recfleet.shared.store import batch_status, new_batch_fields
 
 log = logging.getLogger(__name__)
 router = APIRouter(tags=["batches"])
@@ -117,9 +118,9 @@ async def _queue(body: BatchRequest, clients: Clients) -> BatchAccepted:
         batch_id = body.batch_id
         ledger = clients.keys.batch(batch_id)
         first = int(await clients.redis.eval(APPEND_SCRIPT, 1, ledger, n_jobs, len(user_ids)))
-        if first == -1:
+        if first == APPEND_MISSING:
             raise HTTPException(status.HTTP_404_NOT_FOUND, f"no batch {batch_id}")
-        if first == -2:
+        if first == APPEND_SEALED:
             raise HTTPException(status.HTTP_409_CONFLICT, f"batch {batch_id} is sealed")
     jobs = make_jobs(batch_id, user_ids, s.job_size, first_index=first)
     try:
@@ -156,7 +157,10 @@ async def _undo(
         pipe.hincrby(ledger, "users_total", -sum(len(j.user_ids) for j in failed))
         pipe.hset(ledger, "publish_failed", reason)
         if whole_batch:
-            pipe.hset(ledger, mapping={"gen_state": REJECTED, "gen_reason": f"publish: {reason}"})
+            pipe.hset(
+                ledger,
+                mapping={"gen_state": GenState.REJECTED.value, "gen_reason": f"publish: {reason}"},
+            )
         await pipe.execute()
 
 
@@ -202,13 +206,14 @@ async def get_batch(
     fields = await clients.redis.hgetall(ledger)
     if not fields:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"no batch {batch_id}")
-    doc = batch_status(batch_id, fields)
-    if doc["state"] in ("done", "failed") and doc["gen_state"] == PENDING:
+    ledger_status = LedgerStatus.parse(batch_id, fields)
+    if ledger_status.finished and ledger_status.gen_state == GenState.PENDING:
         await run_steps_async(
             clients.redis, finalize_steps(batch_id, clients.settings, clients.keys)
         )
         clients.results.generations.invalidate()
-        doc = batch_status(batch_id, await clients.redis.hgetall(ledger))
+        ledger_status = LedgerStatus.parse(batch_id, await clients.redis.hgetall(ledger))
+    doc = ledger_status.document()
     if failed_users:
         packed = await clients.redis.hvals(clients.keys.batch_dead_users(batch_id))
         raw = b"".join(p if isinstance(p, bytes) else p.encode() for p in packed)

@@ -36,9 +36,9 @@ from recfleet.api import metrics
 from recfleet.api.deps import Clients, ClientsDep
 from recfleet.api.schemas import Problem
 from recfleet.shared.drift import chi_square, cold_fraction
+from recfleet.shared.ledger import LedgerStatus
 from recfleet.shared.messages import ID_PATTERN
 from recfleet.shared.settings import Settings
-from recfleet.shared.store import batch_status
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ def _text(value: bytes | str) -> str:
 
 def batch_counts(batch_id: str, fields: dict[Any, Any]) -> BatchCounts:
     """The drift-relevant figures of one batch ledger."""
-    doc = batch_status(batch_id, fields)
+    doc = LedgerStatus.parse(batch_id, fields).document()
     return BatchCounts(
         batch_id=batch_id,
         state=doc["state"],
