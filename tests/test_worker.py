@@ -13,8 +13,8 @@ from recfleet.shared.generations import GenerationKeys
 from recfleet.shared.messages import make_jobs
 from recfleet.shared.settings import Settings
 from recfleet.shared.store import Keys, decode_result, new_batch_fields
-from recfleet.shared.topology import HEADER_BATCH_ID, HEADER_USERS
-from recfleet.worker.consumer import Consumer, declare_topology
+from recfleet.shared.topology import HEADER_BATCH_ID, HEADER_USERS, declare_blocking, topology
+from recfleet.worker.consumer import Consumer
 from recfleet.worker.handler import JobHandler
 from recfleet.worker.ranking import Ranker
 
@@ -86,7 +86,7 @@ def test_consumer_ranks_jobs_and_dead_letters_bad_messages(
     handler.redis.hset(keys.batch("b3"), mapping=new_batch_fields(len(jobs) + 1, 2100))
     conn = pika.BlockingConnection(pika.URLParameters(str(fleet_settings.amqp_url)))
     channel = conn.channel()
-    declare_topology(channel, fleet_settings)
+    declare_blocking(channel, topology(fleet_settings))
     channel.confirm_delivery()
     for job in jobs:
         channel.basic_publish("", fleet_settings.jobs_queue, job.encode())
