@@ -20,6 +20,7 @@ import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import click
 import jsonschema
@@ -333,7 +334,7 @@ def test_secrets_come_from_the_env_file() -> None:
         assert env["RECFLEET_ENVIRONMENT"] == "production"
         assert set(env) <= SETTINGS_FIELDS, set(env) - SETTINGS_FIELDS
         settings = settings_from(env)
-        assert settings.amqp_url.password == filled_env()["RABBITMQ_PASSWORD"]
+        assert urlsplit(settings.amqp_urls[0]).password == filled_env()["RABBITMQ_PASSWORD"]
         assert settings.redis_url.password == filled_env()["REDIS_PASSWORD"]
         with pytest.raises(ValueError, match="guest"):
             settings_from({**env, "RECFLEET_AMQP_URL": "amqp://guest:guest@rabbitmq:5672/"})

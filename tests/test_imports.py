@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -10,6 +11,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+PIP_WHEEL = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q"]
+IGNORED = shutil.ignore_patterns("__pycache__", "*.pyc")
 
 
 def _modules_after_import(code: str) -> set[str]:
@@ -60,19 +63,15 @@ def test_worker_loads_torch_only_when_used() -> None:
 def test_the_wheel_installs_everything_under_one_namespace(tmp_path: Path) -> None:
     """Installed next to another project with an ``api`` or ``shared`` package, neither
     breaks: the wheel holds nothing outside ``recfleet/`` but its metadata."""
+    # Built from a copy, so the build leaves nothing in the checkout.
+    source = tmp_path / "src"
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
+    for name in ("recfleet", "api", "worker", "shared", "offline", "cli"):
+        shutil.copytree(ROOT / name, source / name, symlinks=True, ignore=IGNORED)
     subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "wheel",
-            "--no-deps",
-            "--no-build-isolation",
-            "-q",
-            "-w",
-            str(tmp_path),
-            str(ROOT),
-        ],
+        [*PIP_WHEEL, "-w", str(tmp_path), str(source)],
         check=True,
         capture_output=True,
     )

@@ -289,7 +289,7 @@ async def sample_queues(http: httpx.AsyncClient, settings: Settings) -> None:
 
     Raises httpx.HTTPError when the management API does not answer.
     """
-    base, vhost, auth = management_api(str(settings.amqp_url))
+    base, vhost, auth = management_api(settings.amqp_urls[0])
     gauges = (
         (metrics.QUEUE_MESSAGES, "messages_ready"),
         (metrics.QUEUE_UNACKED, "messages_unacknowledged"),
