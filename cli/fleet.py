@@ -29,6 +29,10 @@ def settings_env(settings: Settings) -> dict[str, str]:
     """The environment that hands ``settings`` to a child process."""
     env = dict(os.environ)
     for name, value in settings.model_dump(mode="json").items():
+        if value is None:
+            # An unset optional setting (a shard, a replica count): unset in the child too.
+            env.pop(f"RECFLEET_{name.upper()}", None)
+            continue
         env[f"RECFLEET_{name.upper()}"] = (
             str(value).lower() if isinstance(value, bool) else str(value)
         )

@@ -8,8 +8,9 @@ from dataclasses import dataclass
 import httpx
 import redis
 
+from recfleet.shared.keys import Keys
+from recfleet.shared.ledger import LedgerStatus
 from recfleet.shared.settings import Settings
-from recfleet.shared.store import Keys, batch_status
 from tests.support.polling import wait_until
 
 # The users of every test batch: the small artifacts know 0..5999; the rest are cold.
@@ -62,14 +63,16 @@ def progress(settings: Settings, batch_ids: Sequence[str]) -> Progress:
         with client.pipeline(transaction=False) as pipe:
             for batch_id in batch_ids:
                 pipe.hgetall(keys.batch(batch_id))
-            ledgers = [batch_status(b, f) for b, f in zip(batch_ids, pipe.execute(), strict=True)]
+            ledgers = [
+                LedgerStatus.parse(b, f) for b, f in zip(batch_ids, pipe.execute(), strict=True)
+            ]
     finally:
         client.close()
     return Progress(
-        jobs_total=sum(s["jobs_total"] for s in ledgers),
-        jobs_finished=sum(s["jobs_done"] + s["jobs_dead"] for s in ledgers),
-        users_total=sum(s["users_total"] for s in ledgers),
-        users_finished=sum(s["users_done"] + s["users_dead"] for s in ledgers),
+        jobs_total=sum(s.jobs_total for s in ledgers),
+        jobs_finished=sum(s.jobs_done + s.jobs_dead for s in ledgers),
+        users_total=sum(s.users_total for s in ledgers),
+        users_finished=sum(s.users_done + s.users_dead for s in ledgers),
     )
 
 

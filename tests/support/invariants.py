@@ -16,11 +16,12 @@ from pathlib import Path
 import numpy as np
 import redis
 
+from recfleet.shared.codec import HEADER, encode_results, model_tag
 from recfleet.shared.errors import UndecodableMessage
-from recfleet.shared.generations import GenerationKeys
+from recfleet.shared.keys import Keys
+from recfleet.shared.ledger import LedgerStatus
 from recfleet.shared.messages import decode_job
 from recfleet.shared.settings import Settings
-from recfleet.shared.store import HEADER, Keys, batch_status, encode_results, model_tag
 from recfleet.shared.topology import HEADER_BATCH_ID
 from tests.support.queues import read_queue
 
@@ -82,11 +83,11 @@ def check_invariant(
     dead = dead_letters(settings) if dead is None else dead
     dead_ids = {d.job_id for d in dead}
     tally = Tally(dead_jobs=len(dead))
-    keys, gen_keys = Keys(settings.redis_prefix), GenerationKeys(settings.redis_prefix)
+    keys = Keys(settings.redis_prefix)
     client = redis.Redis.from_url(str(settings.redis_url))
     try:
         for batch_id, users in accepted.items():
-            stored = _read_results(client, gen_keys, batch_id, users)
+            stored = _read_results(client, keys, batch_id, users)
             _check_results(settings, batch_id, users, stored, dead_ids, tally)
             _check_ledger(client, keys, batch_id, len(users), tally)
     finally:
@@ -95,15 +96,15 @@ def check_invariant(
 
 
 def _read_results(
-    client: redis.Redis, gen_keys: GenerationKeys, batch_id: str, users: Sequence[int]
+    client: redis.Redis, keys: Keys, batch_id: str, users: Sequence[int]
 ) -> list[bytes | None]:
-    buckets = sorted({gen_keys.result_bucket(batch_id, u) for u in users})
+    buckets = sorted({keys.result_bucket(batch_id, u) for u in users})
     with client.pipeline(transaction=False) as pipe:
         for key in buckets:
             pipe.hgetall(key)
         by_key = dict(zip(buckets, pipe.execute(), strict=True))
     return [
-        by_key[gen_keys.result_bucket(batch_id, u)].get(str(gen_keys.result_field(u)).encode())
+        by_key[keys.result_bucket(batch_id, u)].get(str(keys.result_field(u)).encode())
         for u in users
     ]
 
@@ -134,7 +135,7 @@ def _check_results(
 
 
 def _check_ledger(client: redis.Redis, keys: Keys, batch_id: str, users: int, tally: Tally) -> None:
-    status = batch_status(batch_id, client.hgetall(keys.batch(batch_id)))
+    status = LedgerStatus.parse(batch_id, client.hgetall(keys.batch(batch_id))).document()
     done = client.scard(keys.batch_done(batch_id))
     dead = client.scard(keys.batch_dead(batch_id))
     problems = []
