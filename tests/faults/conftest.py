@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from pydantic import AmqpDsn, RedisDsn
+from pydantic import RedisDsn
 
 from recfleet.shared.settings import Settings
 from tests.support.net import free_ports, port_open
@@ -70,7 +70,7 @@ def fault_settings(
     current: most users of the test batches are unknown, so cold."""
     s = make_settings(
         small_artifacts,
-        amqp_url=AmqpDsn(private_rabbit.url),
+        amqp_url=private_rabbit.url,
         redis_url=RedisDsn(private_redis.url),
         gate_max_cold_fraction=1.0,
         metrics_port=free_ports(2),

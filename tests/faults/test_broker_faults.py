@@ -10,7 +10,6 @@ import httpx
 import pika
 import pytest
 import redis
-from pydantic import AmqpDsn
 
 from recfleet.shared.settings import Settings
 from tests.support.batches import (
@@ -31,8 +30,9 @@ from tests.support.services import PrivateRabbit
 pytestmark = pytest.mark.faults
 
 
-def via(proxy: TcpProxy) -> AmqpDsn:
-    return AmqpDsn(f"amqp://guest:guest@127.0.0.1:{proxy.port}/")
+def via(proxy: TcpProxy) -> str:
+    """The broker's URL through the proxy (settings keep AMQP URLs as validated strings)."""
+    return f"amqp://guest:guest@127.0.0.1:{proxy.port}/"
 
 
 def assert_refused(resp: httpx.Response) -> None:
