@@ -17,6 +17,7 @@ from tests.support.batches import (
     post_batch,
     progress,
     submit_batches,
+    under_way,
     wait_complete,
     wait_fraction,
 )
@@ -45,10 +46,7 @@ def test_broker_killed_and_restarted_mid_batch(
     fault_settings: Settings, private_rabbit: PrivateRabbit, tmp_path: Path
 ) -> None:
     with Fleet(fault_settings, tmp_path) as fleet:
-        fleet.start_gateway()
-        fleet.start_workers()
-        batches = submit_batches(fleet.base_url, 25)
-        wait_fraction(fault_settings, list(batches), 0.1)
+        batches, _ = under_way(fleet)
         private_rabbit.kill()
         at_kill = progress(fault_settings, list(batches))
         wait_until(lambda: not fleet.ready(), 30, "the gateway to report not ready")

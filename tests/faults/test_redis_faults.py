@@ -9,13 +9,7 @@ import httpx
 import pytest
 
 from recfleet.shared.settings import Settings
-from tests.support.batches import (
-    BATCH_USERS,
-    post_batch,
-    submit_batches,
-    wait_complete,
-    wait_fraction,
-)
+from tests.support.batches import BATCH_USERS, post_batch, under_way, wait_complete
 from tests.support.fleet import Fleet
 from tests.support.invariants import assert_invariant, check_invariant
 from tests.support.polling import wait_until
@@ -30,10 +24,7 @@ def test_redis_killed_and_restarted_mid_batch(
     fault_settings: Settings, private_redis: PrivateRedis, tmp_path: Path
 ) -> None:
     with Fleet(fault_settings, tmp_path) as fleet:
-        fleet.start_gateway()
-        fleet.start_workers()
-        batches = submit_batches(fleet.base_url, 25)
-        at_kill = wait_fraction(fault_settings, list(batches), 0.1)
+        batches, at_kill = under_way(fleet)
         private_redis.kill()
         killed = time.monotonic()
         wait_until(lambda: not fleet.ready(), 30, "the gateway to report not ready")

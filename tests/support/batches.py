@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import httpx
 import redis
 
+from recfleet.cli.fleet import LocalFleet
 from recfleet.shared.keys import Keys
 from recfleet.shared.ledger import LedgerStatus
 from recfleet.shared.settings import Settings
@@ -108,3 +109,15 @@ def wait_complete(settings: Settings, batch_ids: Sequence[str], timeout: float =
         return p is not None and p.complete
 
     wait_until(complete, timeout, "every batch to complete")
+
+
+def under_way(
+    fleet: LocalFleet, count: int = 25, at: float = 0.1
+) -> tuple[dict[str, list[int]], Progress]:
+    """Start the fleet's gateway, then its workers; submit ``count`` batches and wait until
+    the fraction ``at`` of their users is finished: the moment a fault test strikes.
+    Returns the accepted batches and their progress then."""
+    fleet.start_gateway()
+    fleet.start_workers()
+    batches = submit_batches(fleet.base_url, count)
+    return batches, wait_fraction(fleet.settings, list(batches), at)
