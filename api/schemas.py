@@ -2,17 +2,49 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from typing import Annotated, Any
 
-from recfleet.shared.messages import ID_PATTERN, UserId
+from pydantic import BaseModel, BeforeValidator, Field
+from pydantic_core import PydanticCustomError
+
+from recfleet.shared.messages import ID_PATTERN, MAX_USER_ID, ClosedModel, UserId
 
 
-class UserIdsRequest(BaseModel):
+def check_user_ids(value: Any) -> Any:
+    """Refuse a list with a bad id at its FIRST bad element, with one error.
+
+    One tight pass over the list, so a body of a million bad ids costs what reading it
+    costs; pydantic's own item validation (which would record an error per element) then
+    only ever sees valid ids.
+    """
+    if not isinstance(value, list):
+        return value  # pydantic says it is not a list
+    for i, uid in enumerate(value):
+        if type(uid) is not int:
+            raise PydanticCustomError(
+                "int_type", "user_ids[{i}]: Input should be a valid integer", {"i": i}
+            )
+        if uid < 0:
+            raise PydanticCustomError(
+                "greater_than_equal",
+                "user_ids[{i}]: Input should be greater than or equal to 0",
+                {"i": i},
+            )
+        if uid > MAX_USER_ID:
+            raise PydanticCustomError(
+                "less_than_equal",
+                "user_ids[{i}]: Input should be less than or equal to {max}",
+                {"i": i, "max": MAX_USER_ID},
+            )
+    return value
+
+
+class UserIdsRequest(ClosedModel):
     """A list of user ids. Integers only (no strings, floats or booleans), 0 ≤ id < 2**63."""
 
-    model_config = ConfigDict(extra="forbid")
-
-    user_ids: list[UserId] = Field(min_length=1, description="user ids to rank")
+    user_ids: Annotated[list[UserId], BeforeValidator(check_user_ids)] = Field(
+        min_length=1, description="user ids to rank"
+    )
 
 
 class BatchRequest(UserIdsRequest):

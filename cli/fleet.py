@@ -11,6 +11,7 @@ from pathlib import Path
 from types import TracebackType
 
 import httpx
+from pydantic import SecretStr
 
 from recfleet.shared.settings import Settings
 
@@ -23,6 +24,12 @@ def settings_env(settings: Settings) -> dict[str, str]:
     """The environment that hands ``settings`` to a child process."""
     env = dict(os.environ)
     for name, value in settings.model_dump(mode="json").items():
+        raw = getattr(settings, name)
+        if raw is None:  # unset stays unset (not the string "None")
+            env.pop(f"RECFLEET_{name.upper()}", None)
+            continue
+        if isinstance(raw, SecretStr):  # dumped masked; the child needs the secret
+            value = raw.get_secret_value()
         env[f"RECFLEET_{name.upper()}"] = (
             str(value).lower() if isinstance(value, bool) else str(value)
         )

@@ -8,7 +8,14 @@ from pathlib import Path
 import click
 import httpx
 
-from recfleet.cli.client import GatewayError, batch_status, console, submit, wait
+from recfleet.cli.client import (
+    GatewayError,
+    auth_headers,
+    batch_status,
+    console,
+    submit,
+    wait,
+)
 from recfleet.shared.errors import ArtifactError
 from recfleet.shared.logs import configure_logging
 from recfleet.shared.settings import Settings, get_settings
@@ -31,19 +38,12 @@ def cli() -> None:
 @click.option("--port", type=int, default=None, help="port (default RECFLEET_API_PORT)")
 def api(host: str | None, port: int | None) -> None:
     """Run the HTTP gateway."""
-    import uvicorn
-
     from recfleet.api.app import create_app
+    from recfleet.api.limits import run_gateway
 
     s = _settings()
     configure_logging(s.log_level, s.log_json)
-    uvicorn.run(
-        create_app(s),
-        host=host or s.api_host,
-        port=port or s.api_port,
-        log_level=s.log_level.lower(),
-        access_log=False,
-    )
+    run_gateway(create_app(s), s, host or s.api_host, port or s.api_port)
 
 
 @cli.command()
@@ -157,7 +157,7 @@ def submit_cmd(
         assert users_file is not None
         ids = _read_ids(users_file)
     url = api_url or f"http://{s.api_host}:{s.api_port}"
-    with httpx.Client(base_url=url, timeout=120) as client:
+    with httpx.Client(base_url=url, timeout=120, headers=auth_headers(s)) as client:
         try:
             sub = submit(client, ids, min(chunk, s.max_users_per_request))
             console.print(
@@ -190,7 +190,7 @@ def status(batch_id: str, api_url: str | None, failed: bool) -> None:
     """Show a batch's progress."""
     s = _settings()
     url = api_url or f"http://{s.api_host}:{s.api_port}"
-    with httpx.Client(base_url=url, timeout=30) as client:
+    with httpx.Client(base_url=url, timeout=30, headers=auth_headers(s)) as client:
         try:
             st = batch_status(client, batch_id, failed_users=failed)
         except GatewayError as exc:
