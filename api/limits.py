@@ -25,10 +25,11 @@ from recfleet.shared.settings import Settings
 
 log = logging.getLogger(__name__)
 
+# A big body is parsed and validated in separate steps of the event loop, so a request
+# waiting behind it (a health probe) waits for one step, not the whole rejection.
+YIELD_ABOVE_BYTES = 64 * 1024
 # Probes answer even when the gateway is at its concurrency limit.
 UNLIMITED_PATHS = frozenset({"/healthz", "/readyz"})
-# A connection whose request line and headers take longer than this is closed.
-HEADER_TIMEOUT_S = 10.0
 
 
 def _json_answer(status: int, detail: str, headers: dict[str, str] | None = None) -> list[Message]:
@@ -144,7 +145,12 @@ class OrjsonRequest(Request):
 
     async def json(self) -> Any:
         if not hasattr(self, "_json"):
-            self._json = orjson.loads(await self.body())
+            body = await self.body()
+            if len(body) > YIELD_ABOVE_BYTES:
+                await asyncio.sleep(0)  # let waiting requests (probes) in before parsing
+            self._json = orjson.loads(body)
+            if len(body) > YIELD_ABOVE_BYTES:
+                await asyncio.sleep(0)  # and again before validating what came out
         return self._json
 
 
@@ -165,10 +171,10 @@ class BoundedH11Protocol(H11Protocol):
 
     uvicorn bounds the header size (``h11_max_incomplete_event_size``) and idle
     keep-alive, but a client that sends its headers a byte at a time keeps the
-    connection forever; this closes it after ``HEADER_TIMEOUT_S``.
+    connection forever; this closes it after ``header_timeout_s``.
     """
 
-    header_timeout_s = HEADER_TIMEOUT_S
+    header_timeout_s = 10.0
     _header_deadline: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -214,8 +220,11 @@ def server_options(settings: Settings) -> dict[str, Any]:
     """uvicorn's options for the gateway: h11 with bounded headers, header deadline and
     idle keep-alive; a connection limit above the app's own request limit (the app
     answers 503 with Retry-After first, uvicorn's bare 503 is the backstop)."""
+    protocol = type(
+        "GatewayH11Protocol", (BoundedH11Protocol,), {"header_timeout_s": settings.header_timeout_s}
+    )
     return {
-        "http": BoundedH11Protocol,
+        "http": protocol,
         "h11_max_incomplete_event_size": settings.max_header_bytes,
         "timeout_keep_alive": settings.keep_alive_s,
         "limit_concurrency": settings.max_concurrency * 2 + 16,

@@ -206,6 +206,7 @@ from recfleet.cli.dlq import dlq  # noqa: E402
 from recfleet.cli.drift import drift  # noqa: E402
 from recfleet.cli.feedback import feedback  # noqa: E402
 from recfleet.cli.generations import generations  # noqa: E402
+from recfleet.cli.keys import keys  # noqa: E402
 from recfleet.cli.schedule import schedule  # noqa: E402
 
 cli.add_command(bench)
@@ -216,6 +217,7 @@ cli.add_command(schedule)
 cli.add_command(drift)
 cli.add_command(db)
 cli.add_command(feedback)
+cli.add_command(keys)
 
 
 def main() -> None:

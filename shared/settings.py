@@ -74,6 +74,7 @@ class Settings(BaseSettings):
 
     # Transport limits the gateway enforces itself (cli: recfleet api).
     max_header_bytes: int = Field(default=16 * 1024, ge=1024)
+    header_timeout_s: float = Field(default=10.0, gt=0)
     keep_alive_s: float = Field(default=5.0, gt=0)
     body_timeout_s: float = Field(default=10.0, gt=0)
     max_concurrency: int = Field(default=200, ge=1)

@@ -44,7 +44,7 @@ READ = [Security(require(Role.READ))]
 def publish_lease_s(s: Settings) -> float:
     """How long one request may take to publish its jobs before it counts as dead: the
     Idempotency-Key's claim and the batch's publishing lease."""
-    return PUBLISH_LEASE_FACTOR * s.publish_timeout_s + 5
+    return PUBLISH_LEASE_FACTOR * s.publish_timeout_s
 
 
 def unique_in_order(user_ids: list[int]) -> list[int]:
