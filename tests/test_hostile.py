@@ -11,17 +11,21 @@ module runs in seconds; the cost of each class in gateway CPU is measured by
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
 import numpy as np
 import orjson
+import pika
 import pytest
 import redis
 from pydantic import PostgresDsn
@@ -34,6 +38,9 @@ from recfleet.shared.generations import GenerationKeys
 from recfleet.shared.settings import Settings
 from recfleet.shared.store import Keys, encode_results, model_tag
 from tests.conftest import make_settings, purge
+
+if TYPE_CHECKING:
+    from recfleet.worker.consumer import Consumer
 
 KEYS = {role: new_key() for role in Role}
 SMALL = 1024  # bytes: the most any refusal below may answer with
@@ -438,3 +445,81 @@ def test_artifacts_with_bad_candidates_or_user_ids_are_refused(
 
     with pytest.raises(ArtifactError, match=reason):
         load_artifacts(_break(small_artifacts, tmp_path, name, change))
+
+
+# -- workers ------------------------------------------------------------------------------
+
+
+def test_a_created_at_the_result_encoder_cannot_hold_is_refused_by_the_schema() -> None:
+    from recfleet.shared.errors import UndecodableMessage
+    from recfleet.shared.messages import Job, decode_job
+
+    job = Job(job_id="j", batch_id="b", user_ids=[1], created_at=1.0).model_dump()
+    for created_at in (2**32, 1e300, -1.0, 0):
+        with pytest.raises(UndecodableMessage, match="created_at"):
+            decode_job(orjson.dumps({**job, "created_at": created_at}))
+    for user_ids in ([], list(range(1001)), [2**63]):
+        with pytest.raises(UndecodableMessage, match="user_ids"):
+            decode_job(orjson.dumps({**job, "user_ids": user_ids}))
+
+
+async def test_a_job_that_fails_in_any_way_is_dead_lettered_and_counted(
+    running_consumer: Consumer,
+    fleet_api: httpx.AsyncClient,
+    fleet_settings: Settings,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def encoder_refuses(job: object, **_: object) -> None:
+        raise OverflowError("int too big to convert")  # what the result encoder raised
+
+    monkeypatch.setattr(running_consumer.handler, "handle", encoder_refuses)
+    accepted = await fleet_api.post(SUBMIT, json={"user_ids": [1, 2, 3]})
+    assert accepted.status_code == 202
+    batch = f"/api/batches/{accepted.json()['batch_id']}"
+    deadline = time.monotonic() + 30
+    while (status := (await fleet_api.get(batch)).json())["state"] != "failed":
+        assert time.monotonic() < deadline, status
+        await asyncio.sleep(0.1)
+    assert status["jobs_dead"] == 1 and status["users_dead"] == 3
+    channel = pika.BlockingConnection(pika.URLParameters(str(fleet_settings.amqp_url))).channel()
+    try:
+        jobs = channel.queue_declare(fleet_settings.jobs_queue, passive=True).method
+        dead = channel.queue_declare(fleet_settings.dead_letter_queue, passive=True).method
+    finally:
+        channel.connection.close()
+    assert jobs.message_count == 0 and dead.message_count == 1
+    assert running_consumer.healthy  # the lane went on; nothing was left unacked
+
+
+def test_healthz_is_503_while_the_compute_lane_is_stuck(running_consumer: Consumer) -> None:
+    from recfleet.worker.lanes import URGENT
+    from recfleet.worker.server import serve
+
+    running_consumer.settings = running_consumer.settings.model_copy(
+        update={"job_stuck_after_s": 0.3}
+    )
+    server = serve(
+        "127.0.0.1",
+        0,
+        lambda: running_consumer.healthy,
+        lambda: running_consumer.alive,
+        lambda: running_consumer.stuck,
+    )
+    url = f"http://127.0.0.1:{server.server_address[1]}/healthz"
+    release = threading.Event()
+    try:
+        assert httpx.get(url).status_code == 200
+        running_consumer._lane.submit(URGENT, lambda: release.wait(30))  # a job that hangs
+        deadline = time.monotonic() + 10
+        while (answer := httpx.get(url)).status_code == 200:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert answer.status_code == 503 and answer.text == "compute lane stuck\n"
+        release.set()
+        while httpx.get(url).status_code != 200:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    finally:
+        release.set()
+        server.shutdown()
+        server.server_close()
