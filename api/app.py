@@ -191,7 +191,11 @@ async def _recfleet_error(_request: Request, exc: Exception) -> JSONResponse:
         headers["Retry-After"] = str(exc.retry_after_s)
     if exc.transient:
         log.warning("%s: %s", type(exc).__name__, exc.detail)
-    return JSONResponse({"detail": exc.detail[:500]}, status_code=exc.status_code, headers=headers)
+    detail = exc.detail[:500]
+    if exc.status_code == 422:  # every 422 has the one shape of a validation error
+        error = {"type": type(exc).__name__, "loc": ["body"], "msg": detail}
+        return JSONResponse({"detail": [error], "errors": 1}, status_code=422, headers=headers)
+    return JSONResponse({"detail": detail}, status_code=exc.status_code, headers=headers)
 
 
 async def _redis_unavailable(request: Request, exc: Exception) -> JSONResponse:

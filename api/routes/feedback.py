@@ -78,7 +78,6 @@ async def record_impression(
     responses={
         200: {"model": Like, "description": "a retry of a like already recorded"},
         409: {"model": Problem},
-        422: {"model": Problem},
         503: {"model": Problem},
     },
 )
