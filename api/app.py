@@ -15,6 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
 from fastapi_offline import FastAPIOffline
+from prometheus_client import start_http_server
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -25,7 +26,7 @@ from recfleet.api.broker import Publisher
 from recfleet.api.db import Database
 from recfleet.api.headers import SecurityHeaders
 from recfleet.api.limits import BodyLimits, ConcurrencyLimit
-from recfleet.api.metrics import MetricsMiddleware
+from recfleet.api.metrics import REGISTRY, MetricsMiddleware
 from recfleet.api.results import GenerationCache, ResultReader
 from recfleet.api.routes import batches, drift, feedback, health, page, playlists
 from recfleet.api.schemas import Problem
@@ -74,6 +75,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 settings.generation_refresh_s,
             ),
         )
+        metrics_server = None
+        if settings.api_metrics_port:
+            metrics_server, _ = start_http_server(settings.api_metrics_port, registry=REGISTRY)
         stop_monitor = asyncio.Event()
         monitor = asyncio.create_task(drift.monitor(redis, settings, stop_monitor), name="monitor")
         # Everything built so far lives as long as the process: keep it out of the cyclic
@@ -88,6 +92,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             stop_monitor.set()
             monitor.cancel()
             await asyncio.wait([monitor], timeout=10)
+            if metrics_server is not None:
+                metrics_server.shutdown()
+                metrics_server.server_close()
             await publisher.close()
             await redis.aclose()
             await db.close()

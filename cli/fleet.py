@@ -66,7 +66,11 @@ class LocalFleet:
             self.workers = self._spawn("worker", ["worker", "--processes", str(self.processes)])
         if self.start_api:
             self.api = self._spawn("api", ["api"])
-            self._wait_ready()
+            try:
+                self._wait_ready()
+            except BaseException:  # stop the workers too: __exit__ will not run
+                self.__exit__(None, None, None)
+                raise
         return self
 
     def _wait_ok(

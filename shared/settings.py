@@ -62,6 +62,9 @@ class Settings(BaseSettings):
 
     api_host: str = "127.0.0.1"
     api_port: int = Field(default=8000, ge=1, le=65535)
+    # The gateway's /metrics on a port of its own (0: none), for Prometheus on the private
+    # network; on the public port /metrics needs an operator key.
+    api_metrics_port: int = Field(default=0, ge=0, le=65535)
 
     # Authentication (api/auth.py). The gateway's keys: entries name:sha256-hex:role+role,
     # comma or newline separated, here and/or in a file (a mounted Secret).
