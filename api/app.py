@@ -32,9 +32,8 @@ from recfleet.api.routes import batches, drift, feedback, health, page, playlist
 from recfleet.api.schemas import Problem
 from recfleet.api.sync import SyncRequester
 from recfleet.shared.errors import RecfleetError, TransientError
-from recfleet.shared.generations import GenerationKeys
+from recfleet.shared.keys import Keys
 from recfleet.shared.settings import Settings, get_settings
-from recfleet.shared.store import Keys
 
 log = logging.getLogger(__name__)
 MAX_ERRORS_SHOWN = 5
@@ -70,7 +69,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             state.keys,
             GenerationCache(
                 redis,
-                GenerationKeys(settings.redis_prefix),
+                state.keys,
                 settings.read_depth,
                 settings.generation_refresh_s,
             ),

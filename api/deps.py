@@ -15,8 +15,8 @@ from recfleet.api.broker import Publisher
 from recfleet.api.db import Database, DatabaseUnavailable
 from recfleet.api.results import ResultReader
 from recfleet.api.sync import SyncRequester
+from recfleet.shared.keys import Keys
 from recfleet.shared.settings import Settings
-from recfleet.shared.store import Keys
 
 
 def get_settings(request: Request) -> Settings:

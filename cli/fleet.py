@@ -25,7 +25,8 @@ def settings_env(settings: Settings) -> dict[str, str]:
     env = dict(os.environ)
     for name, value in settings.model_dump(mode="json").items():
         raw = getattr(settings, name)
-        if raw is None:  # unset stays unset (not the string "None")
+        if raw is None:
+            # An unset optional setting (a shard, a replica count): unset in the child too.
             env.pop(f"RECFLEET_{name.upper()}", None)
             continue
         if isinstance(raw, SecretStr):  # dumped masked; the child needs the secret
@@ -48,7 +49,7 @@ class LocalFleet:
         self.start_api = start_api
         self.api: subprocess.Popen[bytes] | None = None
         self.workers: subprocess.Popen[bytes] | None = None
-        self.base_url = f"http://{settings.api_host}:{settings.api_port}"
+        self.base_url = settings.api_url
 
     def _spawn(self, name: str, args: list[str]) -> subprocess.Popen[bytes]:
         self.log_dir.mkdir(parents=True, exist_ok=True)

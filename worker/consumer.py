@@ -37,10 +37,10 @@ from recfleet.shared.settings import Settings
 from recfleet.shared.topology import (
     HEADER_BATCH_ID,
     HEADER_USERS,
-    dead_events_queue_arguments,
-    dead_letter_queue_arguments,
-    jobs_queue_arguments,
-    sync_queue_arguments,
+    declare_blocking,
+    jobs_queue,
+    sync_queue,
+    topology,
 )
 from recfleet.worker import metrics
 from recfleet.worker.handler import JobHandler
@@ -71,6 +71,7 @@ class Consumer:
         self._last_tick = 0.0
         self._last_retry = time.monotonic()
         self._consuming = False
+        self._jobs_queue = settings.jobs_queue
 
     # -- public -----------------------------------------------------------------
     def stop(self) -> None:
@@ -115,24 +116,29 @@ class Consumer:
         log.info("consumer stopped")
 
     # -- connection ---------------------------------------------------------------
+    def _layout(self) -> tuple[int, int]:
+        """This worker's shard and the model's shard count (0 of 1 when unsharded)."""
+        model = self.handler.models.current()
+        return self.handler.models.shard or 0, model.shards
+
     def _consume_once(self) -> None:
         s = self.settings
-        params = pika.URLParameters(str(s.amqp_url))
-        params.heartbeat = s.heartbeat_s
-        params.blocked_connection_timeout = 60
-        connection = pika.BlockingConnection(params)
+        # pika tries the nodes in turn; a cluster node that went away is skipped.
+        connection = pika.BlockingConnection(broker_parameters(s))
         self._connection = connection
         try:
             channel = connection.channel()
-            declare_topology(channel, s)
+            shard, shards = self._layout()
+            declare_blocking(channel, topology(s, shards, only_shard=shard))
+            self._jobs_queue = jobs_queue(s, shard, shards)
             channel.basic_qos(prefetch_count=s.prefetch)
             tags = [
-                channel.basic_consume(s.jobs_queue, self._on_message),
-                channel.basic_consume(s.sync_queue, self._on_sync),
+                channel.basic_consume(self._jobs_queue, self._on_message),
+                channel.basic_consume(sync_queue(s, shard, shards), self._on_sync),
                 channel.basic_consume(s.dead_events_queue, self._on_dead_event),
             ]
             self._consuming = True
-            log.info("consuming %s (prefetch %d)", s.jobs_queue, s.prefetch)
+            log.info("consuming %s (prefetch %d)", self._jobs_queue, s.prefetch)
             next_sample = 0.0
             while not self._stopping.is_set():
                 connection.process_data_events(time_limit=0.5)
@@ -156,7 +162,7 @@ class Consumer:
         connection.process_data_events(time_limit=0)
 
     def _sample_queues(self, connection: pika.BlockingConnection) -> None:
-        for queue in (self.settings.jobs_queue, self.settings.dead_letter_queue):
+        for queue in (self._jobs_queue, self.settings.dead_letter_queue):
             try:
                 probe = connection.channel()
                 ok = probe.queue_declare(queue, passive=True)
@@ -390,20 +396,14 @@ def _ids(props: BasicProperties) -> dict[str, str | None]:
     }
 
 
-def declare_topology(channel: BlockingChannel, settings: Settings) -> None:
-    """Declare the queues and the dead-letter exchange, as the gateway does."""
-    channel.exchange_declare(settings.dead_letter_exchange, "direct", durable=True)
-    for name, arguments in (
-        (settings.dead_letter_queue, dead_letter_queue_arguments(settings)),
-        (settings.dead_events_queue, dead_events_queue_arguments(settings)),
-    ):
-        channel.queue_declare(name, durable=True, arguments=arguments)
-        channel.queue_bind(
-            name, settings.dead_letter_exchange, routing_key=settings.dead_letter_queue
-        )
-    channel.queue_declare(
-        settings.jobs_queue, durable=True, arguments=jobs_queue_arguments(settings)
-    )
-    channel.queue_declare(
-        settings.sync_queue, durable=True, arguments=sync_queue_arguments(settings)
-    )
+def broker_parameters(settings: Settings) -> list[pika.ConnectionParameters]:
+    """Connection parameters of every broker node, for pika to try in turn."""
+    params = []
+    for url in settings.amqp_urls:
+        p = pika.URLParameters(url)
+        p.heartbeat = settings.heartbeat_s
+        p.blocked_connection_timeout = 60
+        p.connection_attempts = 1
+        p.socket_timeout = 5
+        params.append(p)
+    return params

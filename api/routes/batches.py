@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import replace
 from typing import Annotated, Any
 
 import numpy as np
@@ -19,17 +20,20 @@ from recfleet.api.deps import KeysDep, PublisherDep, RedisDep, ResultsDep, Setti
 from recfleet.api.idempotency import KEY_PATTERN, IdempotencyStore, digest
 from recfleet.api.limits import OrjsonRoute
 from recfleet.api.schemas import BatchAccepted, BatchOpened, BatchRequest, BatchStatus, Problem
-from recfleet.shared.generations import (
+from recfleet.shared.generations import finalize_steps, run_steps_async
+from recfleet.shared.keys import Keys
+from recfleet.shared.ledger import (
+    APPEND_MISSING,
     APPEND_SCRIPT,
-    PENDING,
-    REJECTED,
+    APPEND_SEALED,
     SEAL_SCRIPT,
-    finalize_steps,
-    run_steps_async,
+    BatchState,
+    GenState,
+    LedgerStatus,
+    new_batch_fields,
 )
 from recfleet.shared.messages import ID_PATTERN, Job, make_jobs, new_id
 from recfleet.shared.settings import Settings
-from recfleet.shared.store import Keys, batch_status, new_batch_fields
 
 log = logging.getLogger(__name__)
 router = APIRouter(tags=["batches"], route_class=OrjsonRoute)
@@ -139,9 +143,9 @@ async def _queue(
         batch_id = body.batch_id
         ledger = keys.batch(batch_id)
         first = int(await redis.eval(APPEND_SCRIPT, 1, ledger, n_jobs, len(user_ids)))
-        if first == -1:
+        if first == APPEND_MISSING:
             raise HTTPException(status.HTTP_404_NOT_FOUND, f"no batch {batch_id}")
-        if first == -2:
+        if first == APPEND_SEALED:
             raise HTTPException(status.HTTP_409_CONFLICT, f"batch {batch_id} is sealed")
         async with redis.pipeline(transaction=True) as pipe:
             _hold_publish_lease(pipe, ledger, s)
@@ -192,7 +196,10 @@ async def _undo(
         pipe.hincrby(ledger, "users_total", -sum(len(j.user_ids) for j in failed))
         pipe.hset(ledger, "publish_failed", reason)
         if whole_batch:
-            pipe.hset(ledger, mapping={"gen_state": REJECTED, "gen_reason": f"publish: {reason}"})
+            pipe.hset(
+                ledger,
+                mapping={"gen_state": GenState.REJECTED.value, "gen_reason": f"publish: {reason}"},
+            )
         await pipe.execute()
 
 
@@ -254,17 +261,19 @@ async def get_batch(
     fields = await redis.hgetall(ledger)
     if not fields:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"no batch {batch_id}")
-    if _publisher_died(fields) and fields.get(b"gen_state") == PENDING.encode():
+    if _publisher_died(fields) and fields.get(b"gen_state") == GenState.PENDING.value.encode():
         # Its jobs can never all arrive: the batch ends failed and never becomes current.
-        await redis.hset(ledger, mapping={"gen_state": REJECTED, "gen_reason": PUBLISHER_DIED})
+        rejected = {"gen_state": GenState.REJECTED.value, "gen_reason": PUBLISHER_DIED}
+        await redis.hset(ledger, mapping=rejected)  # type: ignore[arg-type]
         fields = await redis.hgetall(ledger)
-    doc = batch_status(batch_id, fields)
-    if _publisher_died(fields):
-        doc["state"] = "failed"
-    if doc["state"] in ("done", "failed") and doc["gen_state"] == PENDING:
+    ledger_status = LedgerStatus.parse(batch_id, fields)
+    if ledger_status.finished and ledger_status.gen_state == GenState.PENDING:
         await run_steps_async(redis, finalize_steps(batch_id, s, keys))
         results.generations.invalidate()
-        doc = batch_status(batch_id, await redis.hgetall(ledger))
+        ledger_status = LedgerStatus.parse(batch_id, await redis.hgetall(ledger))
+    if _publisher_died(fields):
+        ledger_status = replace(ledger_status, state=BatchState.FAILED)
+    doc = ledger_status.document()
     if failed_users:
         packed = await redis.hvals(keys.batch_dead_users(batch_id))
         raw = b"".join(p if isinstance(p, bytes) else p.encode() for p in packed)

@@ -39,9 +39,10 @@ from recfleet.api.deps import KeysDep, RedisDep
 from recfleet.api.limits import OrjsonRoute
 from recfleet.api.schemas import Problem
 from recfleet.shared.drift import chi_square, cold_fraction
+from recfleet.shared.keys import Keys
+from recfleet.shared.ledger import LedgerStatus
 from recfleet.shared.messages import ID_PATTERN, ClosedModel
 from recfleet.shared.settings import Settings
-from recfleet.shared.store import Keys, batch_status
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +96,7 @@ def _text(value: bytes | str) -> str:
 
 def batch_counts(batch_id: str, fields: dict[Any, Any]) -> BatchCounts:
     """The drift-relevant figures of one batch ledger."""
-    doc = batch_status(batch_id, fields)
+    doc = LedgerStatus.parse(batch_id, fields).document()
     return BatchCounts(
         batch_id=batch_id,
         state=doc["state"],
@@ -285,7 +286,7 @@ async def sample_queues(http: httpx.AsyncClient, settings: Settings) -> None:
 
     Raises httpx.HTTPError when the management API does not answer.
     """
-    base, vhost, auth = management_api(str(settings.amqp_url))
+    base, vhost, auth = management_api(settings.amqp_urls[0])
     gauges = (
         (metrics.QUEUE_MESSAGES, "messages_ready"),
         (metrics.QUEUE_UNACKED, "messages_unacknowledged"),
