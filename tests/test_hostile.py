@@ -218,6 +218,23 @@ def test_the_page_records_feedback_only_for_impressions_it_served(
     assert liked.status_code == 201 and liked.json()["rank"] == 2
 
 
+def test_pages_carry_security_headers_and_docs_need_no_internet(gateway: str) -> None:
+    page = httpx.get(f"{gateway}/")
+    csp = page.headers["content-security-policy"]
+    assert "frame-ancestors 'none'" in csp and "script-src 'self'" in csp
+    assert "unsafe-inline" not in csp
+    for answer in (page, httpx.get(f"{gateway}/healthz"), httpx.get(f"{gateway}/api/batches/x")):
+        assert answer.headers["x-content-type-options"] == "nosniff"
+        assert answer.headers["x-frame-options"] == "DENY"
+        assert "frame-ancestors 'none'" in answer.headers["content-security-policy"]
+    docs = httpx.get(f"{gateway}/docs")
+    assert docs.status_code == 200 and "cdn" not in docs.text.lower()
+    scripts = [part.split('"')[0] for part in docs.text.split('src="')[1:]]
+    assert scripts and all(src.startswith("/") for src in scripts), scripts
+    for src in scripts:
+        assert httpx.get(f"{gateway}{src}").status_code == 200, src
+
+
 # -- bodies built to make errors expensive ----------------------------------------------
 
 
