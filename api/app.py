@@ -76,7 +76,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
         metrics_server = None
         if settings.api_metrics_port:
-            metrics_server, _ = start_http_server(settings.api_metrics_port, registry=REGISTRY)
+            metrics_server, _ = start_http_server(
+                settings.api_metrics_port, addr=settings.api_host, registry=REGISTRY
+            )
         stop_monitor = asyncio.Event()
         monitor = asyncio.create_task(drift.monitor(redis, settings, stop_monitor), name="monitor")
         # Everything built so far lives as long as the process: keep it out of the cyclic

@@ -38,7 +38,7 @@ from recfleet.cli.fleet import settings_env
 from recfleet.shared.codec import encode_results, model_tag
 from recfleet.shared.keys import Keys
 from recfleet.shared.settings import Settings
-from tests.conftest import make_settings, purge
+from tests.conftest import free_port, make_settings, purge
 
 if TYPE_CHECKING:
     from recfleet.worker.consumer import Consumer
@@ -70,6 +70,7 @@ def hostile_settings(
         keep_alive_s=1.0,
         max_concurrency=4,
         sync_timeout_s=2.0,
+        api_metrics_port=free_port(),
     )
     yield s
     purge(s)
@@ -155,13 +156,18 @@ def test_operations_need_a_key_with_their_role(gateway: str) -> None:
         assert httpx.get(f"{gateway}{probe}").status_code == 200
 
 
-def test_metrics_and_batch_ids_are_for_operators_only(gateway: str) -> None:
+def test_metrics_and_batch_ids_are_for_operators_only(
+    gateway: str, hostile_settings: Settings
+) -> None:
     accepted = post(gateway, SUBMIT, orjson.dumps({"user_ids": [3]}))
     assert accepted.status_code == 202
     assert httpx.get(f"{gateway}/metrics").status_code == 401
     assert httpx.get(f"{gateway}/metrics", headers=bearer(Role.READ)).status_code == 403
     scraped = httpx.get(f"{gateway}/metrics", headers=bearer(Role.OPERATOR))
     assert scraped.status_code == 200 and "recfleet_" in scraped.text
+    # Prometheus's own port: no key, the same collectors.
+    own_port = f"http://127.0.0.1:{hostile_settings.api_metrics_port}/metrics"
+    assert "recfleet_batches_accepted_total" in httpx.get(own_port).text
 
 
 def test_openapi_declares_the_scheme_on_every_protected_operation(gateway: str) -> None:
