@@ -24,7 +24,7 @@ from recfleet.shared.keys import Keys
 from recfleet.shared.messages import decode_job
 from recfleet.shared.settings import Settings
 from recfleet.shared.topology import HEADER_BATCH_ID, HEADER_USERS
-from tests.conftest import free_port
+from tests.support.net import free_port
 
 
 @pytest.fixture

@@ -38,7 +38,8 @@ from recfleet.cli.fleet import settings_env
 from recfleet.shared.codec import encode_results, model_tag
 from recfleet.shared.keys import Keys
 from recfleet.shared.settings import Settings
-from tests.conftest import free_port, make_settings, purge
+from tests.support.net import free_port
+from tests.support.settings import make_settings, purge
 
 if TYPE_CHECKING:
     from recfleet.worker.consumer import Consumer
