@@ -14,7 +14,7 @@ import orjson
 import pika
 import pytest
 import redis
-from pydantic import AmqpDsn, RedisDsn
+from pydantic import RedisDsn
 from redis.asyncio import Redis as AsyncRedis
 
 from recfleet.api.app import create_app
@@ -24,7 +24,7 @@ from recfleet.shared.keys import Keys
 from recfleet.shared.messages import decode_job
 from recfleet.shared.settings import Settings
 from recfleet.shared.topology import HEADER_BATCH_ID, HEADER_USERS
-from tests.conftest import free_port
+from tests.support.net import free_port
 
 
 @pytest.fixture
@@ -223,7 +223,7 @@ async def test_idempotency_key_expires_after_its_window(settings: Settings) -> N
 
 async def test_idempotency_key_is_released_after_a_503(settings: Settings) -> None:
     no_broker = settings.model_copy(
-        update={"amqp_url": AmqpDsn(f"amqp://guest:guest@127.0.0.1:{free_port()}/")}
+        update={"amqp_url": f"amqp://guest:guest@127.0.0.1:{free_port()}/"}
     )
     headers = {"Idempotency-Key": "retry-after-503"}
     app = create_app(no_broker)

@@ -25,8 +25,8 @@ from schemathesis.core.result import Ok
 from recfleet.api.app import create_app
 from recfleet.api.auth import Role, entry, new_key
 from recfleet.shared.settings import Settings
-from tests.conftest import make_settings, purge
-from tests.faults import report
+from tests.support.reports import report
+from tests.support.settings import make_settings, purge
 
 EXAMPLES = 100  # per operation and generation mode
 # A 503 or 504 passes the server-error check only where the operation documents it
