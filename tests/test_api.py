@@ -14,7 +14,7 @@ import orjson
 import pika
 import pytest
 import redis
-from pydantic import AmqpDsn, RedisDsn
+from pydantic import RedisDsn
 from redis.asyncio import Redis as AsyncRedis
 
 from recfleet.api.app import create_app
@@ -223,7 +223,7 @@ async def test_idempotency_key_expires_after_its_window(settings: Settings) -> N
 
 async def test_idempotency_key_is_released_after_a_503(settings: Settings) -> None:
     no_broker = settings.model_copy(
-        update={"amqp_url": AmqpDsn(f"amqp://guest:guest@127.0.0.1:{free_port()}/")}
+        update={"amqp_url": f"amqp://guest:guest@127.0.0.1:{free_port()}/"}
     )
     headers = {"Idempotency-Key": "retry-after-503"}
     app = create_app(no_broker)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import socket
-import statistics
 import subprocess
 import sys
 import threading
@@ -423,10 +422,11 @@ def test_readyz_answers_within_100_ms_during_a_flood_of_bad_bodies(gateway: str)
             flooder.wait()
             assert flooder.stdout is not None
             flooder.stdout.close()
-    # The bound on the max of five probes: 100 ms on a machine where a quiet
-    # probe takes what it takes on an idle one (under QUIET_PROBE_S); on a loaded machine
-    # every wait stretches, the flood's included, so the bound stretches by as much.
-    slowdown = max(1.0, statistics.median(quiet) / QUIET_PROBE_S)
+    # The bound on the max of five probes: 100 ms on a machine where quiet
+    # probes take what they take on an idle one (under QUIET_PROBE_S); on a loaded
+    # machine every wait stretches, the flood's included, so the bound stretches by as
+    # much (max against max: one scheduling hiccup shows in both).
+    slowdown = max(1.0, max(quiet) / QUIET_PROBE_S)
     shown = [f"{p * 1000:.0f} ms" for p in quiet + flooded]
     # The typical probe meets the 100 ms bound; no probe stalls (the old gateway took 6.5 s
     # here), allowing one scheduling hiccup of a shared 2-core box per run.
