@@ -52,12 +52,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             results=ResultReader(
                 redis,
                 Keys(settings.redis_prefix),
-                GenerationCache(
-                    redis,
-                    Keys(settings.redis_prefix),
-                    settings.read_depth,
-                    settings.generation_refresh_s,
-                ),
+                GenerationCache(redis, Keys(settings.redis_prefix), settings.generation_refresh_s),
             ),
             sync=sync,
             db=db,

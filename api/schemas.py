@@ -23,8 +23,22 @@ class BatchRequest(UserIdsRequest):
     )
 
 
+class BatchOpen(BaseModel):
+    """Options of a batch opened for appending."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    run: bool = Field(
+        default=False,
+        description="a declared run: its own generation, made current for every reader "
+        "at once when sealed, complete and past its gates; otherwise ad-hoc: each job's "
+        "results go into the current generation as it finishes",
+    )
+
+
 class BatchOpened(BaseModel):
     batch_id: str
+    run: bool = False
 
 
 class BatchAccepted(BaseModel):
@@ -50,7 +64,10 @@ class BatchStatus(BaseModel):
     users_per_s: float | None
     eta_s: float | None
     sealed: bool = Field(description="false while users may still be appended")
-    gen_state: str = Field(description="pending | active (current) | rejected | retired")
+    run: bool = Field(description="a declared run (its own generation), else ad-hoc")
+    gen_state: str = Field(
+        description="a run: pending | active | rejected | retired; any other batch: ad-hoc"
+    )
     gen_reason: str | None = Field(description="why the batch was not made current")
     activated_at: float | None
     model_version: str | None = Field(description="the model pinned by the first job")
@@ -69,7 +86,9 @@ class UserResult(BaseModel):
     model_version: str
     generated_at: float
     cold: bool
-    generation: str = Field(description="the batch whose run produced this result")
+    generation: str = Field(
+        description="the generation (declared run, or live) the result was read from"
+    )
 
 
 class SyncResult(BaseModel):

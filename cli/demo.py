@@ -68,7 +68,7 @@ def demo(users: int, playlists: int, processes: int, logs: Path) -> None:
             fleet.wait_workers_consuming()
             with httpx.Client(base_url=fleet.base_url, timeout=120) as client:
                 start = time.perf_counter()
-                sub = submit(client, list(range(n_users)), s.max_users_per_request)
+                sub = submit(client, list(range(n_users)), s.max_users_per_request, run=True)
                 console.print(
                     f"accepted {sub.users:,} users as {sub.jobs:,} jobs in "
                     f"one batch in {sub.seconds:.2f}s"

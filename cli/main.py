@@ -142,7 +142,10 @@ def _read_ids(path: Path) -> list[int]:
 def submit_cmd(
     users_file: Path | None, all_users: bool, api_url: str | None, chunk: int, no_wait: bool
 ) -> None:
-    """Submit users (one id per line in USERS_FILE, or --all) and follow the batch."""
+    """Submit users (one id per line in USERS_FILE, or --all) and follow the batch.
+
+    --all is a declared run: a new generation, made current when complete and past its
+    gates. A USERS_FILE is ad-hoc: it updates those users in the current generation."""
     s = _settings()
     if bool(users_file) == all_users:
         raise click.UsageError("give either USERS_FILE or --all")
@@ -159,7 +162,7 @@ def submit_cmd(
     url = api_url or f"http://{s.api_host}:{s.api_port}"
     with httpx.Client(base_url=url, timeout=120) as client:
         try:
-            sub = submit(client, ids, min(chunk, s.max_users_per_request))
+            sub = submit(client, ids, min(chunk, s.max_users_per_request), run=all_users)
             console.print(
                 f"accepted {sub.users:,} users in {sub.jobs:,} jobs, "
                 f"batches: {' '.join(sub.batch_ids)}"

@@ -1,5 +1,6 @@
 """Batches: submit users for ranking (in one request, or appended to an open batch), seal,
-follow progress. Every batch is a generation of results, made current when complete."""
+follow progress. A batch opened with ``run`` is a declared run: its own generation, made
+current when complete; every other batch is ad-hoc and updates the current generation."""
 
 from __future__ import annotations
 
@@ -14,7 +15,14 @@ from recfleet.api import metrics
 from recfleet.api.broker import PublishFailed
 from recfleet.api.deps import Clients, ClientsDep
 from recfleet.api.idempotency import KEY_PATTERN, IdempotencyConflict, IdempotencyStore, digest
-from recfleet.api.schemas import BatchAccepted, BatchOpened, BatchRequest, BatchStatus, Problem
+from recfleet.api.schemas import (
+    BatchAccepted,
+    BatchOpen,
+    BatchOpened,
+    BatchRequest,
+    BatchStatus,
+    Problem,
+)
 from recfleet.shared.generations import finalize_steps, run_steps_async
 from recfleet.shared.ledger import (
     APPEND_MISSING,
@@ -64,8 +72,9 @@ async def submit_batch(
     """Queue users: split into jobs of at most ``job_size`` users, publish each with a
     publisher confirm, and answer 202 only once the broker confirmed every job.
 
-    Without ``batch_id`` the request is a whole batch; with it, the users join that open
-    batch (``POST /api/batches``), which becomes a generation once sealed and complete."""
+    Without ``batch_id`` the request is a whole ad-hoc batch: each job's results go into
+    the current generation as it finishes, updating those users and hiding no one. With
+    it, the users join that open batch (``POST /api/batches``)."""
     s = clients.settings
     if len(body.user_ids) > s.max_users_per_request:
         raise HTTPException(
@@ -111,13 +120,15 @@ async def _queue(body: BatchRequest, clients: Clients) -> BatchAccepted:
         ledger = clients.keys.batch(batch_id)
         # The ledger exists before the first job can finish, so no progress is lost.
         async with clients.redis.pipeline(transaction=True) as pipe:
-            pipe.hset(ledger, mapping=new_batch_fields(n_jobs, len(user_ids)))  # type: ignore[arg-type]
+            pipe.hset(ledger, mapping=new_batch_fields(n_jobs, len(user_ids), run=False))  # type: ignore[arg-type]
             pipe.expire(ledger, s.batch_ttl_s)
             await pipe.execute()
     else:
         batch_id = body.batch_id
         ledger = clients.keys.batch(batch_id)
-        first = int(await clients.redis.eval(APPEND_SCRIPT, 1, ledger, n_jobs, len(user_ids)))
+        first = int(
+            await clients.redis.eval(APPEND_SCRIPT, 1, ledger, n_jobs, len(user_ids), s.batch_ttl_s)
+        )
         if first == APPEND_MISSING:
             raise HTTPException(status.HTTP_404_NOT_FOUND, f"no batch {batch_id}")
         if first == APPEND_SEALED:
@@ -165,15 +176,19 @@ async def _undo(
 
 
 @router.post("/api/batches", status_code=status.HTTP_201_CREATED, response_model=BatchOpened)
-async def open_batch(clients: ClientsDep) -> BatchOpened:
-    """Open a batch that several requests append users to; seal it when all are in."""
+async def open_batch(clients: ClientsDep, body: BatchOpen | None = None) -> BatchOpened:
+    """Open a batch that several requests append users to; seal it when all are in.
+
+    With ``{"run": true}`` it is a declared run (a new generation); without, ad-hoc. A
+    batch that never gets a user is forgotten after ``open_batch_ttl_s``."""
+    run = body.run if body else False
     batch_id = new_id()
     ledger = clients.keys.batch(batch_id)
     async with clients.redis.pipeline(transaction=True) as pipe:
-        pipe.hset(ledger, mapping=new_batch_fields(0, 0, sealed=False))  # type: ignore[arg-type]
-        pipe.expire(ledger, clients.settings.batch_ttl_s)
+        pipe.hset(ledger, mapping=new_batch_fields(0, 0, sealed=False, run=run))  # type: ignore[arg-type]
+        pipe.expire(ledger, clients.settings.open_batch_ttl_s)
         await pipe.execute()
-    return BatchOpened(batch_id=batch_id)
+    return BatchOpened(batch_id=batch_id, run=run)
 
 
 @router.post(
