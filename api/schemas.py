@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
 from recfleet.shared.messages import ID_PATTERN, UserId
 
@@ -28,7 +28,7 @@ class BatchOpen(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    run: bool = Field(
+    run: StrictBool = Field(
         default=False,
         description="a declared run: its own generation, made current for every reader "
         "at once when sealed, complete and past its gates; otherwise ad-hoc: each job's "
