@@ -8,13 +8,14 @@ import re
 import orjson
 from redis.asyncio import Redis
 
+from recfleet.shared.errors import Conflict
 from recfleet.shared.keys import Keys
 
 KEY_PATTERN = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
 PENDING = b"pending"
 
 
-class IdempotencyConflict(Exception):
+class IdempotencyConflict(Conflict):
     """The key is in use by a request still running, or by a request with another body."""
 
 

@@ -320,7 +320,7 @@ async def test_ctr_gauge_cli_and_export(
     assert (await client.post("/api/feedback", json=like_body(shown[1], 12))).status_code == 201
     assert (await client.post("/api/feedback", json=like_body(shown[3], 21))).status_code == 201
 
-    await app.state.clients.db.refresh_ctr()
+    await app.state.db.refresh_ctr()
     metrics = (await client.get("/metrics")).text
     assert 'recfleet_feedback_ctr{model_version="bpr-a"} 0.5' in metrics
     assert 'recfleet_feedback_ctr{model_version="popular"} 0.5' in metrics

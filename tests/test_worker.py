@@ -14,8 +14,8 @@ from recfleet.shared.keys import BASE, Keys
 from recfleet.shared.ledger import new_batch_fields
 from recfleet.shared.messages import make_jobs
 from recfleet.shared.settings import Settings
-from recfleet.shared.topology import HEADER_BATCH_ID, HEADER_USERS
-from recfleet.worker.consumer import Consumer, declare_topology
+from recfleet.shared.topology import HEADER_BATCH_ID, HEADER_USERS, declare_blocking, topology
+from recfleet.worker.consumer import Consumer
 from recfleet.worker.handler import JobHandler
 from recfleet.worker.ranking import Ranker
 
@@ -87,7 +87,7 @@ def test_consumer_ranks_jobs_and_dead_letters_bad_messages(
     handler.redis.hset(keys.batch("b3"), mapping=new_batch_fields(len(jobs) + 1, 2100, run=True))
     conn = pika.BlockingConnection(pika.URLParameters(str(fleet_settings.amqp_url)))
     channel = conn.channel()
-    declare_topology(channel, fleet_settings)
+    declare_blocking(channel, topology(fleet_settings))
     channel.confirm_delivery()
     for job in jobs:
         channel.basic_publish("", fleet_settings.jobs_queue, job.encode())

@@ -10,11 +10,12 @@ from typing import Annotated
 import numpy as np
 import orjson
 from fastapi import APIRouter, Header, HTTPException, Path, Query, status
+from redis.asyncio import Redis
 
 from recfleet.api import metrics
-from recfleet.api.broker import PublishFailed
-from recfleet.api.deps import Clients, ClientsDep
-from recfleet.api.idempotency import KEY_PATTERN, IdempotencyConflict, IdempotencyStore, digest
+from recfleet.api.broker import Publisher, PublishFailed
+from recfleet.api.deps import KeysDep, PublisherDep, RedisDep, ResultsDep, SettingsDep
+from recfleet.api.idempotency import KEY_PATTERN, IdempotencyStore, digest
 from recfleet.api.schemas import (
     BatchAccepted,
     BatchOpen,
@@ -24,6 +25,7 @@ from recfleet.api.schemas import (
     Problem,
 )
 from recfleet.shared.generations import finalize_steps, run_steps_async
+from recfleet.shared.keys import Keys
 from recfleet.shared.ledger import (
     APPEND_MISSING,
     APPEND_SCRIPT,
@@ -34,10 +36,10 @@ from recfleet.shared.ledger import (
     new_batch_fields,
 )
 from recfleet.shared.messages import ID_PATTERN, Job, make_jobs, new_id
+from recfleet.shared.settings import Settings
 
 log = logging.getLogger(__name__)
 router = APIRouter(tags=["batches"])
-RETRY_AFTER_S = "5"
 BatchId = Annotated[str, Path(pattern=ID_PATTERN)]
 MAX_FAILED_USERS = 100_000
 
@@ -60,7 +62,10 @@ def unique_in_order(user_ids: list[int]) -> list[int]:
 )
 async def submit_batch(
     body: BatchRequest,
-    clients: ClientsDep,
+    s: SettingsDep,
+    redis: RedisDep,
+    keys: KeysDep,
+    publisher: PublisherDep,
     idempotency_key: Annotated[
         str | None,
         Header(
@@ -75,24 +80,20 @@ async def submit_batch(
     Without ``batch_id`` the request is a whole ad-hoc batch: each job's results go into
     the current generation as it finishes, updating those users and hiding no one. With
     it, the users join that open batch (``POST /api/batches``)."""
-    s = clients.settings
     if len(body.user_ids) > s.max_users_per_request:
         raise HTTPException(
             status.HTTP_413_CONTENT_TOO_LARGE,
             f"{len(body.user_ids)} user ids; at most {s.max_users_per_request} per request",
         )
     if idempotency_key is None:
-        return await _queue(body, clients)
-    store = IdempotencyStore(clients.redis, s.redis_prefix, s.idempotency_window_s)
+        return await _queue(body, s, redis, keys, publisher)
+    store = IdempotencyStore(redis, s.redis_prefix, s.idempotency_window_s)
     body_digest = digest(orjson.dumps([body.batch_id, body.user_ids]))
-    try:
-        earlier = await store.begin(idempotency_key, body_digest)
-    except IdempotencyConflict as exc:
-        raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from exc
+    earlier = await store.begin(idempotency_key, body_digest)
     if earlier is not None:
         return BatchAccepted(**earlier)
     try:
-        accepted = await _queue(body, clients)
+        accepted = await _queue(body, s, redis, keys, publisher)
     except BaseException:
         await store.abandon(idempotency_key)
         raise
@@ -111,23 +112,29 @@ router.add_api_route(
 )
 
 
-async def _queue(body: BatchRequest, clients: Clients) -> BatchAccepted:
-    s = clients.settings
+async def _queue(
+    body: BatchRequest, s: Settings, redis: Redis, keys: Keys, publisher: Publisher
+) -> BatchAccepted:
+    """Record the jobs in the batch ledger and publish them.
+
+    Raises HTTPException 404/409 for an unknown or sealed batch, PublishFailed (503)
+    when the broker did not confirm every job.
+    """
     user_ids = unique_in_order(body.user_ids)
     n_jobs = -(-len(user_ids) // s.job_size)
     if body.batch_id is None:
         batch_id, first = new_id(), 0
-        ledger = clients.keys.batch(batch_id)
+        ledger = keys.batch(batch_id)
         # The ledger exists before the first job can finish, so no progress is lost.
-        async with clients.redis.pipeline(transaction=True) as pipe:
+        async with redis.pipeline(transaction=True) as pipe:
             pipe.hset(ledger, mapping=new_batch_fields(n_jobs, len(user_ids), run=False))  # type: ignore[arg-type]
             pipe.expire(ledger, s.batch_ttl_s)
             await pipe.execute()
     else:
         batch_id = body.batch_id
-        ledger = clients.keys.batch(batch_id)
+        ledger = keys.batch(batch_id)
         first = int(
-            await clients.redis.eval(APPEND_SCRIPT, 1, ledger, n_jobs, len(user_ids), s.batch_ttl_s)
+            await redis.eval(APPEND_SCRIPT, 1, ledger, n_jobs, len(user_ids), s.batch_ttl_s)
         )
         if first == APPEND_MISSING:
             raise HTTPException(status.HTTP_404_NOT_FOUND, f"no batch {batch_id}")
@@ -135,15 +142,11 @@ async def _queue(body: BatchRequest, clients: Clients) -> BatchAccepted:
             raise HTTPException(status.HTTP_409_CONFLICT, f"batch {batch_id} is sealed")
     jobs = make_jobs(batch_id, user_ids, s.job_size, first_index=first)
     try:
-        await clients.publisher.publish_jobs(jobs)
+        await publisher.publish_jobs(jobs)
     except PublishFailed as exc:
-        await _undo(clients, ledger, exc.failed, exc.reason, whole_batch=body.batch_id is None)
+        await _undo(redis, ledger, exc.failed, exc.reason)
         metrics.PUBLISH_FAILURES.labels(exc.reason).inc()
-        raise HTTPException(
-            status.HTTP_503_SERVICE_UNAVAILABLE,
-            f"not accepted: {exc.reason}; retry later",
-            headers={"Retry-After": RETRY_AFTER_S},
-        ) from exc
+        raise
     metrics.JOBS_PUBLISHED.inc(len(jobs))
     metrics.USERS_PUBLISHED.inc(len(user_ids))
     metrics.BATCHES_ACCEPTED.inc()
@@ -155,38 +158,30 @@ async def _queue(body: BatchRequest, clients: Clients) -> BatchAccepted:
     )
 
 
-async def _undo(
-    clients: Clients, ledger: str, failed: list[Job], reason: str, *, whole_batch: bool
-) -> None:
-    """Take jobs the broker did not confirm out of the ledger's totals.
-
-    Confirmed jobs still run. A whole batch that failed can never be complete, so it is
-    rejected as a generation; the client resubmits it.
-    """
-    async with clients.redis.pipeline(transaction=True) as pipe:
+async def _undo(redis: Redis, ledger: str, failed: list[Job], reason: str) -> None:
+    """Take jobs the broker did not confirm out of the ledger's totals; confirmed jobs
+    still run. The client resubmits what was refused (to an open run: before sealing it)."""
+    async with redis.pipeline(transaction=True) as pipe:
         pipe.hincrby(ledger, "jobs_total", -len(failed))
         pipe.hincrby(ledger, "users_total", -sum(len(j.user_ids) for j in failed))
         pipe.hset(ledger, "publish_failed", reason)
-        if whole_batch:
-            pipe.hset(
-                ledger,
-                mapping={"gen_state": GenState.REJECTED.value, "gen_reason": f"publish: {reason}"},
-            )
         await pipe.execute()
 
 
 @router.post("/api/batches", status_code=status.HTTP_201_CREATED, response_model=BatchOpened)
-async def open_batch(clients: ClientsDep, body: BatchOpen | None = None) -> BatchOpened:
+async def open_batch(
+    s: SettingsDep, redis: RedisDep, keys: KeysDep, body: BatchOpen | None = None
+) -> BatchOpened:
     """Open a batch that several requests append users to; seal it when all are in.
 
     With ``{"run": true}`` it is a declared run (a new generation); without, ad-hoc. A
     batch that never gets a user is forgotten after ``open_batch_ttl_s``."""
     run = body.run if body else False
     batch_id = new_id()
-    ledger = clients.keys.batch(batch_id)
-    async with clients.redis.pipeline(transaction=True) as pipe:
+    ledger = keys.batch(batch_id)
+    async with redis.pipeline(transaction=True) as pipe:
         pipe.hset(ledger, mapping=new_batch_fields(0, 0, sealed=False, run=run))  # type: ignore[arg-type]
-        pipe.expire(ledger, clients.settings.open_batch_ttl_s)
+        pipe.expire(ledger, s.open_batch_ttl_s)
         await pipe.execute()
     return BatchOpened(batch_id=batch_id, run=run)
 
@@ -194,13 +189,15 @@ async def open_batch(clients: ClientsDep, body: BatchOpen | None = None) -> Batc
 @router.post(
     "/api/batches/{batch_id}/seal", response_model=BatchStatus, responses={404: {"model": Problem}}
 )
-async def seal_batch(batch_id: BatchId, clients: ClientsDep) -> BatchStatus:
+async def seal_batch(
+    batch_id: BatchId, s: SettingsDep, redis: RedisDep, keys: KeysDep, results: ResultsDep
+) -> BatchStatus:
     """No more users for this batch. If every job already finished, run the switch now."""
-    ledger = clients.keys.batch(batch_id)
-    outcome = int(await clients.redis.eval(SEAL_SCRIPT, 1, ledger))
+    ledger = keys.batch(batch_id)
+    outcome = int(await redis.eval(SEAL_SCRIPT, 1, ledger))
     if outcome == -1:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"no batch {batch_id}")
-    return await get_batch(batch_id, clients)
+    return await get_batch(batch_id, s, redis, keys, results)
 
 
 @router.get(
@@ -208,7 +205,10 @@ async def seal_batch(batch_id: BatchId, clients: ClientsDep) -> BatchStatus:
 )
 async def get_batch(
     batch_id: BatchId,
-    clients: ClientsDep,
+    s: SettingsDep,
+    redis: RedisDep,
+    keys: KeysDep,
+    results: ResultsDep,
     failed_users: Annotated[
         bool, Query(description="also list the users of dead-lettered jobs")
     ] = False,
@@ -217,20 +217,18 @@ async def get_batch(
 
     A complete batch whose switch has not run yet (its last worker died before it could)
     is finalized here."""
-    ledger = clients.keys.batch(batch_id)
-    fields = await clients.redis.hgetall(ledger)
+    ledger = keys.batch(batch_id)
+    fields = await redis.hgetall(ledger)
     if not fields:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"no batch {batch_id}")
     ledger_status = LedgerStatus.parse(batch_id, fields)
     if ledger_status.finished and ledger_status.gen_state == GenState.PENDING:
-        await run_steps_async(
-            clients.redis, finalize_steps(batch_id, clients.settings, clients.keys)
-        )
-        clients.results.generations.invalidate()
-        ledger_status = LedgerStatus.parse(batch_id, await clients.redis.hgetall(ledger))
+        await run_steps_async(redis, finalize_steps(batch_id, s, keys))
+        results.generations.invalidate()
+        ledger_status = LedgerStatus.parse(batch_id, await redis.hgetall(ledger))
     doc = ledger_status.document()
     if failed_users:
-        packed = await clients.redis.hvals(clients.keys.batch_dead_users(batch_id))
+        packed = await redis.hvals(keys.batch_dead_users(batch_id))
         raw = b"".join(p if isinstance(p, bytes) else p.encode() for p in packed)
         users = np.unique(np.frombuffer(raw, dtype="<i8"))
         doc["failed_user_ids"] = users[:MAX_FAILED_USERS].tolist()

@@ -5,11 +5,10 @@ from __future__ import annotations
 import time
 from typing import Annotated
 
-from fastapi import APIRouter, HTTPException, Path, Request, Response, status
+from fastapi import APIRouter, HTTPException, Path, Response, status
 
-from recfleet.api.deps import Clients, ClientsDep
+from recfleet.api.deps import ResultsDep, SettingsDep, SyncDep
 from recfleet.api.schemas import Problem, SyncResult, UserIdsRequest, UserResult
-from recfleet.api.sync import SyncTimeout
 from recfleet.shared.messages import MAX_USER_ID, Job, new_id
 
 router = APIRouter(tags=["playlists"])
@@ -19,15 +18,13 @@ router = APIRouter(tags=["playlists"])
     "/api/playlist/{user_id}", response_model=UserResult, responses={404: {"model": Problem}}
 )
 async def get_playlists(
-    user_id: Annotated[int, Path(ge=0, le=MAX_USER_ID)], request: Request
+    user_id: Annotated[int, Path(ge=0, le=MAX_USER_ID)], results: ResultsDep
 ) -> Response:
     """The user's ranked playlists, best first, from the newest active generation that
     has a result for them; 404 when none has."""
-    # The hottest route: one Redis call, the document serialised once by orjson (no
-    # response model validation), and the reader taken from the app state rather than
-    # through a dependency (a plain-def dependency costs a thread-pool hop per request).
-    clients: Clients = request.app.state.clients
-    body = await clients.results.read_json(user_id)
+    # The hottest route: one Redis call, and the document serialised once by orjson
+    # (no model built, no response model validation).
+    body = await results.read_json(user_id)
     if body is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"no recommendations for user {user_id}")
     return Response(body, media_type="application/json")
@@ -38,11 +35,10 @@ async def get_playlists(
     response_model=list[SyncResult],
     responses={413: {"model": Problem}, 503: {"model": Problem}, 504: {"model": Problem}},
 )
-async def recommend_now(body: UserIdsRequest, clients: ClientsDep) -> list[SyncResult]:
+async def recommend_now(body: UserIdsRequest, s: SettingsDep, sync: SyncDep) -> list[SyncResult]:
     """Rank a few users now, through the fleet (served ahead of batch jobs). Like any
     ad-hoc batch, the results are also written into the current generation (``live``
     while none is), so later reads return them too."""
-    s = clients.settings
     if len(body.user_ids) > s.max_users_sync:
         raise HTTPException(
             status.HTTP_413_CONTENT_TOO_LARGE,
@@ -56,12 +52,5 @@ async def recommend_now(body: UserIdsRequest, clients: ClientsDep) -> list[SyncR
         user_ids=user_ids,
         created_at=time.time(),
     )
-    try:
-        answer = await clients.sync.request(job)
-    except SyncTimeout as exc:
-        raise HTTPException(status.HTTP_504_GATEWAY_TIMEOUT, str(exc)) from exc
-    except ConnectionError as exc:
-        raise HTTPException(
-            status.HTTP_503_SERVICE_UNAVAILABLE, str(exc), headers={"Retry-After": "5"}
-        ) from exc
+    answer = await sync.request(job)  # SyncTimeout (504), BrokerUnavailable (503)
     return [SyncResult(**row) for row in answer]

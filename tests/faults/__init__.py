@@ -105,7 +105,7 @@ class Fleet:
         self.gateway: subprocess.Popen[bytes] | None = None
         self.workers: subprocess.Popen[bytes] | None = None
         self._worker_runs = 0
-        self.base_url = f"http://{settings.api_host}:{settings.api_port}"
+        self.base_url = settings.api_url
         log_dir.mkdir(parents=True, exist_ok=True)
 
     def __enter__(self) -> Fleet:
