@@ -86,9 +86,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(MetricsMiddleware)
+    # Routes match in order: the hottest (GET /api/playlist/{user_id}) first.
+    app.include_router(playlists.router)
     app.include_router(batches.router)
     app.include_router(drift.router)
-    app.include_router(playlists.router)
     app.include_router(health.router)
     app.include_router(feedback.router)
     app.include_router(page.router)

@@ -5,9 +5,10 @@ from __future__ import annotations
 import time
 from typing import Annotated
 
-from fastapi import APIRouter, HTTPException, Path, Response, status
+from fastapi import APIRouter, HTTPException, Path, Request, Response, status
 
-from recfleet.api.deps import ResultsDep, SettingsDep, SyncDep
+from recfleet.api.deps import SettingsDep, SyncDep
+from recfleet.api.results import ResultReader
 from recfleet.api.schemas import Problem, SyncResult, UserIdsRequest, UserResult
 from recfleet.shared.messages import MAX_USER_ID, Job, new_id
 
@@ -18,12 +19,15 @@ router = APIRouter(tags=["playlists"])
     "/api/playlist/{user_id}", response_model=UserResult, responses={404: {"model": Problem}}
 )
 async def get_playlists(
-    user_id: Annotated[int, Path(ge=0, le=MAX_USER_ID)], results: ResultsDep
+    user_id: Annotated[int, Path(ge=0, le=MAX_USER_ID)], request: Request
 ) -> Response:
     """The user's ranked playlists, best first, from the newest active generation that
     has a result for them; 404 when none has."""
-    # The hottest route: one Redis call, and the document serialised once by orjson
-    # (no model built, no response model validation).
+    # The hottest route: one Redis call, the document serialised once by orjson (no model
+    # built, no response model validation), and the reader taken from the app state (what
+    # ResultsDep does) without a dependency to solve on every request. Dependencies such
+    # as authentication go in the signature or the decorator as on any route.
+    results: ResultReader = request.app.state.results
     body = await results.read_json(user_id)
     if body is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"no recommendations for user {user_id}")
