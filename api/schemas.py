@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, model_validator
 
 from recfleet.shared.messages import ID_PATTERN, UserId
 
@@ -21,6 +21,17 @@ class BatchRequest(UserIdsRequest):
     batch_id: str | None = Field(
         default=None, pattern=ID_PATTERN, description="an open batch to append these users to"
     )
+    run: StrictBool = Field(
+        default=False,
+        description="without batch_id: the request is a whole declared run (a new "
+        "generation, made current when complete and past its gates); otherwise ad-hoc",
+    )
+
+    @model_validator(mode="after")
+    def _run_is_declared_when_opened(self) -> BatchRequest:
+        if self.run and self.batch_id is not None:
+            raise ValueError("run is declared when the batch is opened (POST /api/batches)")
+        return self
 
 
 class BatchOpen(BaseModel):

@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
 import httpx
 import pika
+import redis
 
 from recfleet.shared.keys import Keys
 from recfleet.shared.ledger import new_batch_fields
@@ -56,3 +63,41 @@ async def generations_of(api: httpx.AsyncClient, users: list[int]) -> dict[int, 
         assert resp.status_code in (200, 404), resp.text
         out[uid] = resp.json()["generation"] if resp.status_code == 200 else None
     return out
+
+
+@contextmanager
+def private_redis(directory: Path, port: int) -> Iterator[str]:
+    """A Redis of one test alone (its figures and command counts are the test's only);
+    stopped by its pid afterwards. Yields its URL."""
+    proc = subprocess.Popen(
+        [
+            "redis-server",
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(directory),
+        ],
+        stdout=subprocess.DEVNULL,
+    )
+    url = f"redis://127.0.0.1:{port}/0"
+    try:
+        client = redis.Redis.from_url(url)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                assert time.monotonic() < deadline, "private redis-server did not start"
+                time.sleep(0.05)
+        client.close()
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)

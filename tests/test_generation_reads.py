@@ -9,13 +9,16 @@ from pathlib import Path
 
 import httpx
 import pytest
+import redis
+from pydantic import RedisDsn
 
 from recfleet.cli.client import submit, wait
 from recfleet.cli.fleet import LocalFleet
 from recfleet.shared.messages import Job, new_id
 from recfleet.shared.settings import Settings
 from recfleet.worker.handler import JobHandler
-from tests.generation_helpers import generations_of, handle_queued, run_batch
+from tests.conftest import free_port
+from tests.generation_helpers import generations_of, handle_queued, private_redis, run_batch
 
 
 async def test_a_list_split_over_plain_requests_leaves_every_user_readable(
@@ -110,3 +113,32 @@ def _served(client: httpx.Client, users: list[int]) -> set[str | None]:
         resp = client.get(f"/api/playlist/{uid}")
         out.add(resp.json()["generation"] if resp.status_code == 200 else None)
     return out
+
+
+async def test_a_read_is_one_redis_call_whatever_the_number_of_generations(
+    fleet_settings: Settings, tmp_path: Path
+) -> None:
+    """Counted on a private Redis: one EVALSHA per read, the generation list re-read at
+    most once per refresh interval, nothing else."""
+    from recfleet.api.app import create_app
+    from recfleet.worker.models import ModelStore
+
+    with private_redis(tmp_path, free_port()) as url:
+        s = fleet_settings.model_copy(update={"redis_url": RedisDsn(url)})
+        client = redis.Redis.from_url(url)
+        handler = JobHandler(s, ModelStore(s.artifacts, k=s.top_k), client)
+        for day in range(4):
+            run_batch(handler, f"day{day}", list(range(day * 100, day * 100 + 100)))
+        app = create_app(s.model_copy(update={"generation_refresh_s": 3600.0}))
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://gw") as api:
+                await api.get("/api/playlist/0")  # warm: the list and the model version
+                client.config_resetstat()
+                served = await generations_of(api, [0, 150, 399, 10**6])
+        stats = client.info("commandstats")
+        client.close()
+    assert served == {0: "day0", 150: "day1", 399: "day3", 10**6: None}
+    calls = {name.removeprefix("cmdstat_"): v["calls"] for name, v in stats.items()}
+    assert calls["evalsha"] == 4, calls  # one per read: HGETs run inside the script
+    assert "zrevrange" not in calls and "get" not in calls, calls  # the list is cached

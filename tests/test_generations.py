@@ -125,6 +125,19 @@ async def test_open_append_seal_a_declared_run_over_http(
     assert missing.status_code == 404
     bad = await fleet_api.post("/api/batches", json={"run": "often"})
     assert bad.status_code == 422
+    late_run = {"user_ids": [1], "batch_id": batch_id, "run": True}  # declared when opened
+    assert (await fleet_api.post("/beta_recommend", json=late_run)).status_code == 422
+
+
+async def test_a_whole_run_in_one_request(
+    handler: JobHandler, fleet_api: httpx.AsyncClient, fleet_settings: Settings
+) -> None:
+    resp = await fleet_api.post("/beta_recommend", json={"user_ids": list(range(300)), "run": True})
+    batch_id = resp.json()["batch_id"]
+    handle_queued(handler, fleet_settings)
+    status = (await fleet_api.get(f"/api/batches/{batch_id}")).json()
+    assert status["run"] and status["gen_state"] == "active"
+    assert (await fleet_api.get("/api/playlist/299")).json()["generation"] == batch_id
 
 
 def test_finalize_is_idempotent(handler: JobHandler, fleet_settings: Settings) -> None:

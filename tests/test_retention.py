@@ -4,7 +4,6 @@ ten simulated days stay flat."""
 from __future__ import annotations
 
 import random
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,6 +25,7 @@ from recfleet.worker.handler import JobHandler
 from recfleet.worker.models import ModelStore
 from tests.conftest import free_port
 from tests.generation_helpers import handle_queued, run_batch
+from tests.generation_helpers import private_redis as redis_server
 
 
 def _sync_job(users: list[int]) -> Job:
@@ -109,37 +109,8 @@ def test_usage_and_the_generations_cli(
 @pytest.fixture
 def private_redis(tmp_path: Path) -> Iterator[str]:
     """A Redis of this test alone, so that used_memory measures only what the test wrote."""
-    port = free_port()
-    proc = subprocess.Popen(
-        [
-            "redis-server",
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(tmp_path),
-        ],
-        stdout=subprocess.DEVNULL,
-    )
-    url = f"redis://127.0.0.1:{port}/0"
-    client = redis.Redis.from_url(url)
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            client.ping()
-            break
-        except redis.ConnectionError:
-            assert time.monotonic() < deadline, "private redis-server did not start"
-            time.sleep(0.05)
-    client.close()
-    yield url
-    proc.terminate()
-    proc.wait(timeout=10)
+    with redis_server(tmp_path, free_port()) as url:
+        yield url
 
 
 def _used_memory(client: redis.Redis) -> int:

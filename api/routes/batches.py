@@ -77,9 +77,10 @@ async def submit_batch(
     """Queue users: split into jobs of at most ``job_size`` users, publish each with a
     publisher confirm, and answer 202 only once the broker confirmed every job.
 
-    Without ``batch_id`` the request is a whole ad-hoc batch: each job's results go into
-    the current generation as it finishes, updating those users and hiding no one. With
-    it, the users join that open batch (``POST /api/batches``)."""
+    Without ``batch_id`` the request is a whole batch: ad-hoc (each job's results go into
+    the current generation as it finishes, updating those users and hiding no one), or
+    with ``"run": true`` a declared run. With ``batch_id``, the users join that open batch
+    (``POST /api/batches``)."""
     if len(body.user_ids) > s.max_users_per_request:
         raise HTTPException(
             status.HTTP_413_CONTENT_TOO_LARGE,
@@ -88,7 +89,7 @@ async def submit_batch(
     if idempotency_key is None:
         return await _queue(body, s, redis, keys, publisher)
     store = IdempotencyStore(redis, s.redis_prefix, s.idempotency_window_s)
-    body_digest = digest(orjson.dumps([body.batch_id, body.user_ids]))
+    body_digest = digest(orjson.dumps([body.batch_id, body.user_ids, body.run]))
     earlier = await store.begin(idempotency_key, body_digest)
     if earlier is not None:
         return BatchAccepted(**earlier)
@@ -127,7 +128,7 @@ async def _queue(
         ledger = keys.batch(batch_id)
         # The ledger exists before the first job can finish, so no progress is lost.
         async with redis.pipeline(transaction=True) as pipe:
-            pipe.hset(ledger, mapping=new_batch_fields(n_jobs, len(user_ids), run=False))  # type: ignore[arg-type]
+            pipe.hset(ledger, mapping=new_batch_fields(n_jobs, len(user_ids), run=body.run))  # type: ignore[arg-type]
             pipe.expire(ledger, s.batch_ttl_s)
             await pipe.execute()
     else:
