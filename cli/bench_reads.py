@@ -4,6 +4,7 @@ under load from wrk running as a second process."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -50,6 +51,9 @@ def parse_wrk(output: str) -> dict[str, float]:
     if rate is None:
         raise ValueError("wrk printed no Requests/sec line")
     figures["requests_per_s"] = float(rate.group(1))
+    total = re.search(r"(\d+) requests in", output)
+    if total is not None:
+        figures["requests"] = float(total.group(1))
     for pct in ("50", "75", "90", "99"):
         line = re.search(rf"^\s+{pct}%\s+(\S+)", output, re.MULTILINE)
         if line:
@@ -104,9 +108,16 @@ def run_wrk(wrk: str, url: str, script: Path, threads: int, connections: int, du
     ).stdout
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 @contextmanager
-def bare_server(settings: Settings, port: int, log_dir: Path) -> Iterator[str]:
-    """The bare route's server (uvicorn, as ``recfleet api`` runs it). Yields its URL."""
+def bare_server(settings: Settings, port: int, log_dir: Path) -> Iterator[tuple[str, int]]:
+    """The bare route's server (uvicorn, as ``recfleet api`` runs it). Yields its URL
+    and pid."""
     url = f"http://127.0.0.1:{port}"
     with (log_dir / "bare.log").open("ab") as log:
         proc = subprocess.Popen(
@@ -139,7 +150,7 @@ def bare_server(settings: Settings, port: int, log_dir: Path) -> Iterator[str]:
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise click.ClickException(f"the bare route's server did not start; see {log_dir}")
             time.sleep(0.2)
-        yield url
+        yield url, proc.pid
     finally:
         proc.terminate()
         proc.wait(timeout=30)
@@ -202,14 +213,21 @@ def bench_reads(
                 scripts[name] = Path(tmp) / f"{name}.lua"
                 scripts[name].write_text(WRK_SCRIPT % (path, users - 1))
             with LocalFleet(s, 0, Path(tmp)) as fleet, ExitStack() as stack:
-                urls = {"gateway": fleet.base_url}
+                assert fleet.api is not None
+                servers = {"gateway": (fleet.base_url, fleet.api.pid)}
                 if compare:
-                    urls["bare"] = stack.enter_context(bare_server(s, s.api_port + 1, Path(tmp)))
+                    servers["bare"] = stack.enter_context(bare_server(s, s.api_port + 1, Path(tmp)))
                 for _ in range(rounds):
-                    for name, url in urls.items():
+                    for name, (url, pid) in servers.items():
+                        cpu = cpu_seconds(pid)
                         out = run_wrk(wrk, url, scripts[name], threads, connections, duration)
+                        cpu = cpu_seconds(pid) - cpu
                         click.echo(f"-- {name}\n{out}")
-                        runs[name].append(parse_wrk(out))
+                        measured = parse_wrk(out)
+                        # CPU per request of the server process: what a saturated process
+                        # can serve, and far less sensitive to other load than a rate.
+                        measured["cpu_us_per_request"] = cpu / measured["requests"] * 1e6
+                        runs[name].append(measured)
     finally:
         cleanup(s)
     figures = {name: _median(r) for name, r in runs.items() if r}
@@ -225,6 +243,9 @@ def bench_reads(
                 np.median([x["requests_per_s"] / y["requests_per_s"] for x, y in pairs])
             ),
             "median_round_p99": float(np.median([x["p99_ms"] / y["p99_ms"] for x, y in pairs])),
+            "median_round_cpu_per_request": float(
+                np.median([x["cpu_us_per_request"] / y["cpu_us_per_request"] for x, y in pairs])
+            ),
         }
     for name, fig in figures.items():
         click.echo(f"{name}: " + "  ".join(f"{k} {v:,.3f}" for k, v in fig.items()))

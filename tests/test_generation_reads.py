@@ -142,3 +142,27 @@ async def test_a_read_is_one_redis_call_whatever_the_number_of_generations(
     calls = {name.removeprefix("cmdstat_"): v["calls"] for name, v in stats.items()}
     assert calls["evalsha"] == 4, calls  # one per read: HGETs run inside the script
     assert "zrevrange" not in calls and "get" not in calls, calls  # the list is cached
+
+
+@pytest.mark.e2e
+def test_submit_all_is_a_declared_run_and_a_users_file_is_ad_hoc(
+    fleet_settings: Settings, tmp_path: Path
+) -> None:
+    from click.testing import CliRunner
+
+    from recfleet.cli.main import cli
+    from recfleet.shared.keys import Keys
+
+    users_file = tmp_path / "users.txt"
+    users_file.write_text("1\n2\n3\n")
+    keys = Keys(fleet_settings.redis_prefix)
+    client = redis.Redis.from_url(str(fleet_settings.redis_url))
+    with LocalFleet(fleet_settings, 0, tmp_path / "logs"):  # a gateway, no workers
+        kinds = {}
+        for args in (["submit", str(users_file)], ["submit", "--all"]):
+            result = CliRunner().invoke(cli, [*args, "--no-wait"], obj=fleet_settings)
+            assert result.exit_code == 0, result.output
+            batch_id = result.output.split("batches:")[1].split()[0]
+            kinds[args[1]] = client.hget(keys.batch(batch_id), "run")
+    client.close()
+    assert kinds == {str(users_file): b"0", "--all": b"1"}
