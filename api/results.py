@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import hashlib
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import orjson
 from redis.asyncio import Redis
+from redis.exceptions import NoScriptError
 
 from recfleet.api.schemas import UserResult
 from recfleet.shared.codec import decode_result
 from recfleet.shared.generations import READ_SCRIPT, read_order
-from recfleet.shared.keys import BASE, Keys
+from recfleet.shared.keys import BASE, BUCKET_BITS, Keys
 
 
 def _text(value: object) -> str:
@@ -30,17 +33,23 @@ class GenerationCache:
     redis: Redis
     keys: Keys
     refresh_s: float
-    _order: list[str] = field(default_factory=lambda: [BASE])
+    names: list[str] = field(default_factory=lambda: [BASE])
+    # The result-key prefix of each keyspace in ``names`` (``P:r:<gen>:{``).
+    prefixes: list[str] = field(default_factory=list)
     _read_at: float = float("-inf")
+
+    def fresh(self) -> bool:
+        return time.monotonic() - self._read_at < self.refresh_s
 
     async def order(self) -> list[str]:
         """Keyspaces to read from, newest first, ending with ``live``."""
-        now = time.monotonic()
-        if now - self._read_at >= self.refresh_s:
+        if not self.fresh():
             names = await self.redis.zrevrange(self.keys.history, 0, -1)
-            self._order = read_order([_text(n) for n in names])
-            self._read_at = now
-        return self._order
+            order = read_order([_text(n) for n in names])
+            self.prefixes = [self.keys.result_prefix(gen) for gen in order]
+            self.names = order
+            self._read_at = time.monotonic()
+        return self.names
 
     def invalidate(self) -> None:
         self._read_at = float("-inf")
@@ -54,7 +63,22 @@ class ResultReader:
     model_versions: dict[int, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self._read = self.redis.register_script(READ_SCRIPT)
+        self._sha = hashlib.sha1(READ_SCRIPT.encode()).hexdigest()
+
+    async def _read(self, buckets: list[str], result_field: int) -> list[Any] | None:
+        """Run the read script by its hash, loading it once when Redis does not know it
+        (a restart, a new node). A plain EVALSHA: the Script wrapper costs more Python
+        than the whole call on this path."""
+        try:
+            reply = await self.redis.execute_command(
+                "EVALSHA", self._sha, len(buckets), *buckets, result_field
+            )
+        except NoScriptError:
+            await self.redis.script_load(READ_SCRIPT)
+            reply = await self.redis.execute_command(
+                "EVALSHA", self._sha, len(buckets), *buckets, result_field
+            )
+        return reply
 
     async def model_version(self, tag: int) -> str:
         """Resolve a model tag; cached in-process since there are only a handful."""
@@ -70,15 +94,17 @@ class ResultReader:
         """The generation and packed result of the newest active generation (then
         ``live``) that has one for the user, or None. One Redis call: every copy of the
         user's bucket lives in one slot."""
-        order = await self.generations.order()
+        cache = self.generations
+        order = cache.names if cache.fresh() else await cache.order()
         result_field = self.keys.result_field(user_id)
+        # The bucket is the hash tag: ``<prefix><bucket>}`` (see shared.keys).
+        bucket = f"{user_id >> BUCKET_BITS}}}"
         if len(order) == 1:
-            raw = await self.redis.hget(self.keys.result_bucket(order[0], user_id), result_field)
+            raw = await self.redis.hget(cache.prefixes[0] + bucket, result_field)
             if raw is None:
                 return None
             return order[0], raw if isinstance(raw, bytes) else raw.encode()
-        buckets = [self.keys.result_bucket(gen, user_id) for gen in order]
-        reply = await self._read(keys=buckets, args=[result_field])
+        reply = await self._read([prefix + bucket for prefix in cache.prefixes], result_field)
         if not reply:
             return None
         index, raw = reply

@@ -79,7 +79,12 @@ class Keys:
         return f"{self.prefix}:gen:runs"
 
     def result_bucket(self, generation: str, user_id: int) -> str:
-        return f"{self.prefix}:r:{generation}:{{{user_id >> BUCKET_BITS}}}"
+        return f"{self.result_prefix(generation)}{user_id >> BUCKET_BITS}}}"
+
+    def result_prefix(self, generation: str) -> str:
+        """A generation's result keys up to the bucket: ``P:r:<gen>:{`` (the reader adds
+        ``<bucket>}``)."""
+        return f"{self.prefix}:r:{generation}:{{"
 
     @staticmethod
     def result_field(user_id: int) -> int:
