@@ -17,8 +17,8 @@ from recfleet.cli.fleet import LocalFleet
 from recfleet.shared.messages import Job, new_id
 from recfleet.shared.settings import Settings
 from recfleet.worker.handler import JobHandler
-from tests.conftest import free_port
-from tests.generation_helpers import generations_of, handle_queued, private_redis, run_batch
+from tests.support.generations import generations_of, handle_queued, private_redis, run_batch
+from tests.support.net import free_port
 
 
 async def test_a_list_split_over_plain_requests_leaves_every_user_readable(

@@ -11,7 +11,7 @@ from recfleet.shared.keys import Keys
 from recfleet.shared.messages import make_jobs
 from recfleet.shared.settings import Settings
 from recfleet.worker.handler import JobHandler
-from tests.generation_helpers import handle_queued, run_batch
+from tests.support.generations import handle_queued, run_batch
 
 
 async def test_readers_see_the_old_generation_until_the_new_one_is_complete(

@@ -23,9 +23,9 @@ from recfleet.shared.retention import prune, usage
 from recfleet.shared.settings import Settings, get_settings
 from recfleet.worker.handler import JobHandler
 from recfleet.worker.models import ModelStore
-from tests.conftest import free_port
-from tests.generation_helpers import handle_queued, run_batch
-from tests.generation_helpers import private_redis as redis_server
+from tests.support.generations import handle_queued, run_batch
+from tests.support.generations import private_redis as redis_server
+from tests.support.net import free_port
 
 
 def _sync_job(users: list[int]) -> Job:

@@ -1,4 +1,4 @@
-"""Helpers for the generation tests: batches written through the real job handler."""
+"""Generation tests: batches written through the real job handler, a private Redis."""
 
 from __future__ import annotations
 
