@@ -57,8 +57,12 @@ def prune(client: Any, keys: Keys, keep: int, ttl_s: int) -> list[str]:
         run_steps(client, retire_steps(keys, name, ttl_s))
     kept = set(active[:keep])
     deleted = []
-    for raw in client.zrange(keys.runs, 0, -1):
-        name = raw.decode()
+    # Generations retired here go too, even if they are not in the runs set (made current
+    # by hand, or written before it existed).
+    candidates = dict.fromkeys(
+        [*(r.decode() for r in client.zrange(keys.runs, 0, -1)), *active[keep:]]
+    )
+    for name in candidates:
         state = client.hget(keys.batch(name), "gen_state")
         # A run still computing is left alone; so is one made current since we looked.
         if name in kept or state in (GenState.PENDING.encode(), GenState.ACTIVE.encode()):

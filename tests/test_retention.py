@@ -47,6 +47,7 @@ async def test_prune_deletes_rejected_and_retired_runs(
     run_batch(handler, "cold", list(range(10**9, 10**9 + 200)))  # rejected: all cold
     run_batch(handler, "running", list(range(200)), last=False)  # still pending
     assert activate(handler.redis, keys, "g2", ttl) == ["g3"]  # g3 retired by a rollback
+    handler.redis.zrem(keys.runs, "g1")  # as if written before the runs set existed
 
     assert sorted(prune(handler.redis, keys, 1, ttl)) == ["cold", "g1", "g3"]
     assert _generations_with_results(handler.redis, keys) == {"g2", "running"}
