@@ -3,30 +3,31 @@
 from __future__ import annotations
 
 import time
-from typing import Annotated
 
-from fastapi import APIRouter, HTTPException, Path, Request, Response, status
+from fastapi import APIRouter, HTTPException, Request, Response, Security, status
 
+from recfleet.api.auth import Role, require
 from recfleet.api.deps import SettingsDep, SyncDep
+from recfleet.api.limits import OrjsonRoute
 from recfleet.api.results import ResultReader
-from recfleet.api.schemas import Problem, SyncResult, UserIdsRequest, UserResult
-from recfleet.shared.messages import MAX_USER_ID, Job, new_id
+from recfleet.api.schemas import Problem, SyncResult, UserIdPath, UserIdsRequest, UserResult
+from recfleet.shared.messages import Job, new_id
 
-router = APIRouter(tags=["playlists"])
+router = APIRouter(tags=["playlists"], route_class=OrjsonRoute)
 
 
 @router.get(
-    "/api/playlist/{user_id}", response_model=UserResult, responses={404: {"model": Problem}}
+    "/api/playlist/{user_id}",
+    response_model=UserResult,
+    dependencies=[Security(require(Role.READ))],
+    responses={404: {"model": Problem}},
 )
-async def get_playlists(
-    user_id: Annotated[int, Path(ge=0, le=MAX_USER_ID)], request: Request
-) -> Response:
+async def get_playlists(user_id: UserIdPath, request: Request) -> Response:
     """The user's ranked playlists, best first, from the newest active generation that
     has a result for them; 404 when none has."""
     # The hottest route: one Redis call, the document serialised once by orjson (no model
     # built, no response model validation), and the reader taken from the app state (what
-    # ResultsDep does) without a dependency to solve on every request. Dependencies such
-    # as authentication go in the signature or the decorator as on any route.
+    # ResultsDep does) without one more dependency to solve on every request.
     results: ResultReader = request.app.state.results
     body = await results.read_json(user_id)
     if body is None:
@@ -37,6 +38,7 @@ async def get_playlists(
 @router.post(
     "/api/playlist/recommend/",
     response_model=list[SyncResult],
+    dependencies=[Security(require(Role.SUBMIT))],
     responses={413: {"model": Problem}, 503: {"model": Problem}, 504: {"model": Problem}},
 )
 async def recommend_now(body: UserIdsRequest, s: SettingsDep, sync: SyncDep) -> list[SyncResult]:
