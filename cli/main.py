@@ -55,11 +55,15 @@ def api(host: str | None, port: int | None) -> None:
     show_default=True,
     help="worker processes on this host, one torch thread each",
 )
-def worker(processes: int) -> None:
+@click.option(
+    "--shard", type=click.IntRange(0), default=None, help="serve shard K of a sharded model"
+)
+def worker(processes: int, shard: int | None) -> None:
     """Run ranking workers that consume jobs from RabbitMQ and write results to Redis."""
     from recfleet.worker.main import run_fleet
 
     s = _settings()
+    s = s if shard is None else s.model_copy(update={"shard": shard})
     configure_logging(s.log_level, s.log_json)
     try:
         sys.exit(run_fleet(s, processes))
@@ -83,16 +87,23 @@ def artifacts() -> None:
     default=None,
     help="training triplets (.npy) exported from feedback",
 )
+@click.option("--shards", type=click.IntRange(1), default=None, help="split into N shards")
 def artifacts_build(
-    out: Path, users: int, playlists: int, seed: int, feedback: Path | None
+    out: Path, users: int, playlists: int, seed: int, feedback: Path | None, shards: int | None
 ) -> None:
     """Generate interactions, pair users, train BPR and write a versioned artifact directory."""
     from recfleet.offline.build import build_artifacts
+    from recfleet.offline.shard import build_sharded
 
     configure_logging()
-    manifest = build_artifacts(
-        out, n_users=users, n_playlists=playlists, seed=seed, feedback=feedback
-    )
+    if shards is None:
+        manifest = build_artifacts(
+            out, n_users=users, n_playlists=playlists, seed=seed, feedback=feedback
+        )
+    else:
+        manifest = build_sharded(
+            out, shards, n_users=users, n_playlists=playlists, seed=seed, feedback=feedback
+        )
     click.echo(f"wrote {out} (model {manifest['model_version']})")
 
 
@@ -100,15 +111,20 @@ def artifacts_build(
 @click.argument("path", type=click.Path(path_type=Path))
 def artifacts_check(path: Path) -> None:
     """Verify an artifact directory: files, checksums, shapes and format version."""
-    from recfleet.shared.artifacts import current_dir, load_artifacts
+    from recfleet.shared.artifacts import current_dir
+    from recfleet.shared.shards import load_model, read_shard_map
 
     try:
-        art = load_artifacts(current_dir(path))
+        directory = current_dir(path)
+        smap = read_shard_map(directory)
+        arts = [load_model(directory, k if smap.sharded else None) for k in range(smap.count)]
+        art = arts[0]
     except ArtifactError as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo(
-        f"ok: {art.model_version}, {art.n_users} users, {art.n_playlists} playlists, "
-        f"{len(art.candidates_indices)} candidates"
+        f"ok: {art.model_version}, {sum(a.n_users for a in arts)} users in {len(arts)} "
+        f"shard(s), {art.n_playlists} playlists, "
+        f"{sum(len(a.candidates_indices) for a in arts)} candidates"
     )
 
 
@@ -207,11 +223,13 @@ from recfleet.cli.drift import drift  # noqa: E402
 from recfleet.cli.feedback import feedback  # noqa: E402
 from recfleet.cli.generations import generations  # noqa: E402
 from recfleet.cli.schedule import schedule  # noqa: E402
+from recfleet.cli.shards import artifacts_shard  # noqa: E402
 
 cli.add_command(bench)
 cli.add_command(demo)
 cli.add_command(dlq)
 cli.add_command(generations)
+artifacts.add_command(artifacts_shard)
 cli.add_command(schedule)
 cli.add_command(drift)
 cli.add_command(db)

@@ -14,6 +14,7 @@ from recfleet.cli.client import submit, wait
 from recfleet.cli.fleet import LocalFleet
 from recfleet.shared.generations import unlink_matching
 from recfleet.shared.settings import Settings
+from recfleet.shared.shards import shard_count
 from recfleet.shared.topology import delete_blocking, topology
 
 
@@ -84,5 +85,5 @@ def cleanup(settings: Settings) -> None:
     client.close()
     conn = pika.BlockingConnection(pika.URLParameters(str(settings.amqp_url)))
     channel = conn.channel()
-    delete_blocking(channel, topology(settings))
+    delete_blocking(channel, topology(settings, shard_count(settings.artifacts)))
     conn.close()

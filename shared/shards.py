@@ -33,6 +33,7 @@ from recfleet.shared.artifacts import (
     SHARD_MAP,
     Artifacts,
     check_shapes,
+    current_dir,
     load_artifacts,
     load_npy,
     map_tensor,
@@ -262,3 +263,11 @@ def _read_json(path: Path) -> dict[str, Any]:
     if not isinstance(doc, dict):
         raise ArtifactError(f"{path.name} is not a JSON object")
     return doc
+
+
+def shard_count(root: Path | str) -> int:
+    """Shards of the model in use under ``root`` (1 when unsharded, absent or unreadable)."""
+    try:
+        return read_shard_map(current_dir(Path(root))).count
+    except (ArtifactError, OSError):
+        return 1

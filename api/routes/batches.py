@@ -23,7 +23,7 @@ from recfleet.shared.generations import (
     finalize_steps,
     run_steps_async,
 )
-from recfleet.shared.messages import ID_PATTERN, Job, make_jobs, new_id
+from recfleet.shared.messages import ID_PATTERN, Job, new_id
 from recfleet.shared.store import batch_status, new_batch_fields
 
 log = logging.getLogger(__name__)
@@ -104,7 +104,9 @@ router.add_api_route(
 async def _queue(body: BatchRequest, clients: Clients) -> BatchAccepted:
     s = clients.settings
     user_ids = unique_in_order(body.user_ids)
-    n_jobs = -(-len(user_ids) // s.job_size)
+    router = clients.publisher.router
+    parts = router.split(user_ids)
+    n_jobs = router.count_jobs(parts)
     if body.batch_id is None:
         batch_id, first = new_id(), 0
         ledger = clients.keys.batch(batch_id)
@@ -121,9 +123,10 @@ async def _queue(body: BatchRequest, clients: Clients) -> BatchAccepted:
             raise HTTPException(status.HTTP_404_NOT_FOUND, f"no batch {batch_id}")
         if first == -2:
             raise HTTPException(status.HTTP_409_CONFLICT, f"batch {batch_id} is sealed")
-    jobs = make_jobs(batch_id, user_ids, s.job_size, first_index=first)
+    jobs, queues = router.jobs(batch_id, parts, first_index=first)
     try:
-        await clients.publisher.publish_jobs(jobs)
+        await clients.publisher.ensure_shards(router.shards)
+        await clients.publisher.publish_jobs(jobs, queues)
     except PublishFailed as exc:
         await _undo(clients, ledger, exc.failed, exc.reason, whole_batch=body.batch_id is None)
         metrics.PUBLISH_FAILURES.labels(exc.reason).inc()

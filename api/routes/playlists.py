@@ -54,7 +54,7 @@ async def recommend_now(body: UserIdsRequest, clients: ClientsDep) -> list[SyncR
         generation=await clients.results.generations.current(),
     )
     try:
-        answer = await clients.sync.request(job)
+        answer = await clients.sync.request_routed(job, clients.publisher.router)
     except SyncTimeout as exc:
         raise HTTPException(status.HTTP_504_GATEWAY_TIMEOUT, str(exc)) from exc
     except ConnectionError as exc:
