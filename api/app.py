@@ -10,7 +10,6 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 from fastapi.exception_handlers import http_exception_handler
 from fastapi.responses import JSONResponse, Response
-from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -24,6 +23,7 @@ from recfleet.api.results import GenerationCache, ResultReader
 from recfleet.api.routes import batches, drift, feedback, health, page, playlists
 from recfleet.api.sync import SyncRequester
 from recfleet.shared.generations import GenerationKeys
+from recfleet.shared.redis import async_redis_client
 from recfleet.shared.settings import Settings, get_settings
 from recfleet.shared.store import Keys
 
@@ -37,7 +37,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         publisher = Publisher(settings)
-        redis = Redis.from_url(str(settings.redis_url))
+        redis = async_redis_client(settings)
         sync = SyncRequester(settings)
         publisher.on_connect(sync.start)
         # Returns even when the broker is down: /readyz says 503 until it connects.

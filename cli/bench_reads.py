@@ -13,12 +13,12 @@ from pathlib import Path
 
 import click
 import numpy as np
-import redis
 
 from recfleet.cli.fleet import LocalFleet
 from recfleet.cli.measure import cleanup
 from recfleet.shared.generations import GenerationKeys, bucket_mappings
 from recfleet.shared.messages import new_id
+from recfleet.shared.redis import redis_client
 from recfleet.shared.settings import Settings, get_settings
 from recfleet.shared.store import Keys, encode_results, model_tag
 
@@ -56,7 +56,7 @@ def parse_wrk(output: str) -> dict[str, float]:
 
 def populate(settings: Settings, users: int) -> None:
     """Write one generation of synthetic results for users 0..users-1 and make it current."""
-    client = redis.Redis.from_url(str(settings.redis_url))
+    client = redis_client(settings)
     gen_keys = GenerationKeys(settings.redis_prefix)
     rng = np.random.default_rng(0)
     tag = model_tag("bench-model")

@@ -8,13 +8,14 @@ import click
 import redis
 
 from recfleet.shared.generations import activate, history, prune
+from recfleet.shared.redis import redis_client
 from recfleet.shared.settings import get_settings
 from recfleet.shared.store import Keys, batch_status
 
 
 def _client() -> tuple[redis.Redis, Keys]:
     s = get_settings()
-    return redis.Redis.from_url(str(s.redis_url)), Keys(s.redis_prefix)
+    return redis_client(s), Keys(s.redis_prefix)
 
 
 @click.group()

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import httpx
 import pika
-import redis
 
 from recfleet.cli.client import submit, wait
 from recfleet.cli.fleet import LocalFleet
 from recfleet.shared.generations import unlink_matching
+from recfleet.shared.redis import redis_client
 from recfleet.shared.settings import Settings
 from recfleet.shared.shards import shard_count
 from recfleet.shared.topology import delete_blocking, topology
@@ -80,7 +80,7 @@ def _epoch(perf_start: float) -> float:
 
 def cleanup(settings: Settings) -> None:
     """Delete a run's Redis keys (by prefix, without blocking Redis) and its queues."""
-    client = redis.Redis.from_url(str(settings.redis_url))
+    client = redis_client(settings)
     unlink_matching(client, f"{settings.redis_prefix}:*", chunk=1000)
     client.close()
     conn = pika.BlockingConnection(pika.URLParameters(str(settings.amqp_url)))

@@ -19,6 +19,7 @@ import redis
 
 from recfleet.cli.measure import cleanup
 from recfleet.shared.messages import new_id
+from recfleet.shared.redis import redis_client as connect_redis
 from recfleet.shared.settings import Settings
 
 if TYPE_CHECKING:
@@ -131,7 +132,7 @@ def handler(fleet_settings: Settings) -> Iterator[JobHandler]:
     from recfleet.worker.handler import JobHandler
     from recfleet.worker.models import ModelStore
 
-    client = redis.Redis.from_url(str(fleet_settings.redis_url))
+    client = connect_redis(fleet_settings)
     models = ModelStore(fleet_settings.artifacts, k=fleet_settings.top_k)
     yield JobHandler(fleet_settings, models, client)
     client.close()
