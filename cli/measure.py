@@ -83,7 +83,7 @@ def cleanup(settings: Settings) -> None:
     client = redis_client(settings)
     unlink_matching(client, f"{settings.redis_prefix}:*", chunk=1000)
     client.close()
-    conn = pika.BlockingConnection(pika.URLParameters(str(settings.amqp_url)))
+    conn = pika.BlockingConnection([pika.URLParameters(u) for u in settings.amqp_urls])
     channel = conn.channel()
     delete_blocking(channel, topology(settings, shard_count(settings.artifacts)))
     conn.close()

@@ -72,6 +72,20 @@ def small_artifacts(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def sharded_artifacts(small_artifacts: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The small artifacts split into 2 shards by ``recfleet artifacts shard``."""
+    from click.testing import CliRunner
+
+    from recfleet.cli.main import cli
+
+    out = tmp_path_factory.mktemp("sharded") / "two"
+    args = ["artifacts", "shard", str(small_artifacts), "--shards", "2", "--out", str(out)]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    return out
+
+
 @pytest.fixture
 def settings(services: None, tmp_path: Path) -> Iterator[Settings]:
     """Private settings for tests that need no model (the gateway alone)."""

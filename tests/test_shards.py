@@ -34,16 +34,6 @@ from tests.conftest import make_settings, purge
 UNKNOWN = 10**12  # beyond every trained user: owned by the last shard, ranked cold
 
 
-@pytest.fixture(scope="session")
-def sharded_artifacts(small_artifacts: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("sharded") / "two"
-    result = CliRunner().invoke(
-        cli, ["artifacts", "shard", str(small_artifacts), "--shards", "2", "--out", str(out)]
-    )
-    assert result.exit_code == 0, result.output
-    return out
-
-
 def _edit_map(src: Path, dst: Path, edit: object) -> Path:
     shutil.copytree(src, dst)
     doc = json.loads((dst / SHARD_MAP).read_text())
