@@ -14,6 +14,7 @@ from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential
 from yarl import URL
 
 from recfleet.api.routing import ShardRouter
+from recfleet.shared.errors import TransientError
 from recfleet.shared.messages import CONTENT_TYPE, Job
 from recfleet.shared.settings import Settings
 from recfleet.shared.topology import (
@@ -27,7 +28,7 @@ from recfleet.shared.topology import (
 log = logging.getLogger(__name__)
 
 
-class PublishFailed(Exception):
+class PublishFailed(TransientError):
     """The broker did not confirm some jobs: nacked, returned, timed out or unreachable.
 
     ``failed`` lists the jobs without a confirm; the others were confirmed and will run.
@@ -37,6 +38,10 @@ class PublishFailed(Exception):
         super().__init__(reason)
         self.reason = reason
         self.failed = failed or []
+
+    @property
+    def detail(self) -> str:
+        return f"not accepted: {self.reason}; retry later"
 
 
 class Publisher:

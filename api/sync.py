@@ -10,14 +10,21 @@ import orjson
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobustConnection
 
 from recfleet.api.routing import ShardRouter
+from recfleet.shared.errors import TransientError
 from recfleet.shared.messages import CONTENT_TYPE, Job
 from recfleet.shared.settings import Settings
 
 REPLY_TO = "amq.rabbitmq.reply-to"
 
 
-class SyncTimeout(Exception):
+class SyncTimeout(TransientError):
     """No worker answered in time."""
+
+    status_code = 504
+
+
+class BrokerUnavailable(TransientError):
+    """The gateway is not connected to the broker."""
 
 
 class SyncRequester:
@@ -27,8 +34,10 @@ class SyncRequester:
     same channel that publishes, so no reply queue is ever declared.
     """
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, router: ShardRouter | None = None) -> None:
         self._settings = settings
+        # Which shard's sync queue each user goes to (the publisher's router).
+        self._router = router or ShardRouter(settings)
         self._channel: AbstractChannel | None = None
         self._waiting: dict[str, asyncio.Future[bytes]] = {}
 
@@ -42,12 +51,13 @@ class SyncRequester:
         if future is not None and not future.done():
             future.set_result(message.body)
 
-    async def request_routed(self, job: Job, router: ShardRouter) -> list[dict]:
+    async def request_routed(self, job: Job) -> list[dict]:
         """Send each shard its part of ``job`` at once and return the answers in order.
 
-        Raises SyncTimeout when a shard does not answer in time, and ConnectionError when
-        the broker cannot be reached.
+        Raises SyncTimeout when a shard does not answer in time, and BrokerUnavailable
+        when the broker cannot be reached.
         """
+        router = self._router
         parts = router.split(job.user_ids)
         if len(parts) == 1:
             return await self.request(job, router.sync_queue(parts[0]))
@@ -69,10 +79,10 @@ class SyncRequester:
         """Send ``job`` (to ``queue``, or the sync queue) and return the worker's answer.
 
         Raises SyncTimeout when no answer arrives within ``sync_timeout_s``, and
-        ConnectionError when the broker cannot be reached.
+        BrokerUnavailable when the broker cannot be reached.
         """
         if self._channel is None or self._channel.is_closed:
-            raise ConnectionError("not connected to the broker")
+            raise BrokerUnavailable("not connected to the broker; retry later")
         correlation_id = uuid.uuid4().hex
         future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
         self._waiting[correlation_id] = future

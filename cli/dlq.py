@@ -54,7 +54,7 @@ def _reason(props: pika.BasicProperties) -> str:
 @contextmanager
 def _channel(settings: Settings) -> Iterator[BlockingChannel]:
     try:
-        conn = pika.BlockingConnection(pika.URLParameters(str(settings.amqp_url)))
+        conn = pika.BlockingConnection([pika.URLParameters(u) for u in settings.amqp_urls])
     except pika.exceptions.AMQPError as exc:
         raise click.ClickException(
             f"cannot reach RabbitMQ at {settings.amqp_url}: {exc!r}"

@@ -73,12 +73,19 @@ class Settings(BaseSettings):
     # The shard of a sharded model this worker serves (recfleet worker --shard K).
     shard: int | None = Field(default=None, ge=0)
     metrics_port: int = Field(default=9100, ge=0, le=65535)
+    # /healthz turns 503 while one job has run longer than this (a stuck compute lane).
+    job_stuck_after_s: float = Field(default=300.0, gt=0)
 
     api_host: str = "127.0.0.1"
     api_port: int = Field(default=8000, ge=1, le=65535)
 
     log_json: bool = False
     log_level: str = "INFO"
+
+    @property
+    def api_url(self) -> str:
+        """The gateway's base URL, as clients on this host reach it."""
+        return f"http://{self.api_host}:{self.api_port}"
 
     @field_validator("amqp_url", mode="before")
     @classmethod

@@ -19,16 +19,15 @@ import pytest
 import redis
 
 from recfleet.api.app import create_app
-from recfleet.shared.generations import GenerationKeys
+from recfleet.shared.keys import Keys
 from recfleet.shared.settings import Settings
-from recfleet.shared.store import Keys
 from recfleet.shared.topology import jobs_queue
 from recfleet.worker.consumer import Consumer
 from recfleet.worker.handler import JobHandler
 from recfleet.worker.models import ModelStore
-from tests.conftest import make_settings, purge
-from tests.faults import report
 from tests.support.clusters import RabbitCluster
+from tests.support.reports import report
+from tests.support.settings import make_settings, purge
 
 pytestmark = pytest.mark.cluster
 
@@ -135,7 +134,7 @@ async def test_stopping_the_leader_of_a_jobs_queue_mid_batch_loses_nothing(
         for t in threads:
             t.join(timeout=60)
 
-    gen_keys = GenerationKeys(settings.redis_prefix)
+    gen_keys = Keys(settings.redis_prefix)
     results = dead = users = 0
     for batch_id, batch_users in accepted.items():
         users += len(batch_users)

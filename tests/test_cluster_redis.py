@@ -17,17 +17,17 @@ import pytest
 
 from recfleet.api.app import create_app
 from recfleet.shared.artifacts import load_artifacts
-from recfleet.shared.generations import GenerationKeys
+from recfleet.shared.codec import decode_result
+from recfleet.shared.keys import Keys
 from recfleet.shared.redis import redis_client
 from recfleet.shared.settings import Settings
-from recfleet.shared.store import Keys, decode_result
 from recfleet.worker.consumer import Consumer
 from recfleet.worker.handler import JobHandler
 from recfleet.worker.models import ModelStore
 from recfleet.worker.ranking import Ranker
-from tests.conftest import make_settings, purge
-from tests.faults import report
 from tests.support.clusters import RedisClusterNodes
+from tests.support.reports import report
+from tests.support.settings import make_settings, purge
 
 # The generation tests, run again here with the fixtures below (a cluster underneath).
 from tests.test_generations import (  # noqa: F401
@@ -123,7 +123,7 @@ async def test_a_primary_killed_mid_batch_loses_nothing(
 
     art = load_artifacts(settings.artifacts)
     direct = Ranker.from_artifacts(art, k=settings.top_k).rank(art.user_rows(np.array(users)))
-    gen_keys = GenerationKeys(settings.redis_prefix)
+    gen_keys = Keys(settings.redis_prefix)
     client = redis_client(settings)
     with client.pipeline(transaction=False) as pipe:
         for uid in users:

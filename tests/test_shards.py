@@ -20,16 +20,16 @@ from recfleet.api.app import create_app
 from recfleet.api.routing import ShardRouter
 from recfleet.cli.main import cli
 from recfleet.shared.artifacts import CURRENT, SHARD_MAP, load_artifacts
+from recfleet.shared.codec import decode_result
 from recfleet.shared.errors import ArtifactError
-from recfleet.shared.generations import GenerationKeys
+from recfleet.shared.keys import Keys
 from recfleet.shared.settings import Settings
 from recfleet.shared.shards import load_model, read_shard_map
-from recfleet.shared.store import decode_result
 from recfleet.worker.consumer import Consumer
 from recfleet.worker.handler import JobHandler
 from recfleet.worker.models import ModelStore
 from recfleet.worker.ranking import Ranker
-from tests.conftest import make_settings, purge
+from tests.support.settings import make_settings, purge
 
 UNKNOWN = 10**12  # beyond every trained user: owned by the last shard, ranked cold
 
@@ -200,7 +200,7 @@ async def test_batch_and_sync_through_the_gateway_and_one_worker_per_shard(
     direct = Ranker.from_artifacts(whole, k=sharded_settings.top_k).rank(
         whole.user_rows(np.array(users))
     )
-    keys = GenerationKeys(sharded_settings.redis_prefix)
+    keys = Keys(sharded_settings.redis_prefix)
     client = redis.Redis.from_url(str(sharded_settings.redis_url))
     with client.pipeline(transaction=False) as pipe:
         for uid in users:

@@ -12,9 +12,10 @@ import redis
 
 from recfleet.api.app import create_app
 from recfleet.shared.artifacts import CURRENT, load_artifacts
+from recfleet.shared.keys import Keys
+from recfleet.shared.ledger import new_batch_fields
 from recfleet.shared.messages import make_jobs
 from recfleet.shared.settings import Settings
-from recfleet.shared.store import Keys, new_batch_fields
 from recfleet.shared.topology import declare_blocking, topology
 from recfleet.worker.consumer import Consumer
 from recfleet.worker.handler import JobHandler

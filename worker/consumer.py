@@ -5,6 +5,8 @@ one compute thread and their acks come back through ``add_callback_threadsafe``.
 Retries live here and only here:
 
 - undecodable or invalid job -> rejected without requeue, so the broker dead-letters it;
+- any other exception while handling one job (a bug, a value the encoder refuses) ->
+  dead-lettered the same way, so no delivery is ever left unacked;
 - Redis unavailable (TransientError) -> retried in place with backoff, holding the
   message, so a short outage does not burn the queue's delivery limit;
 - a job that crashes the process -> redelivered by the broker until its delivery
@@ -78,8 +80,14 @@ class Consumer:
 
     @property
     def healthy(self) -> bool:
-        """Connected, consuming, and the I/O loop turned within the last 10 s."""
-        return self._consuming and time.monotonic() - self._last_tick < 10
+        """Connected, consuming, the I/O loop turned within the last 10 s, and the compute
+        lane is not stuck (no job running longer than ``job_stuck_after_s``)."""
+        return self._consuming and time.monotonic() - self._last_tick < 10 and not self.stuck
+
+    @property
+    def stuck(self) -> bool:
+        """The compute lane has run one task for longer than ``job_stuck_after_s``."""
+        return self._lane.busy_for > self.settings.job_stuck_after_s
 
     @property
     def alive(self) -> bool:
@@ -234,6 +242,10 @@ class Consumer:
             log.warning("sync request %s failed: %s", props.correlation_id, exc)
             self._reply(channel.basic_reject, tag, requeue=False)
             return
+        except Exception:  # never leave a delivery unsettled; the caller gets a 504
+            log.exception("sync request %s failed", props.correlation_id)
+            self._reply(channel.basic_reject, tag, requeue=False)
+            return
         if props.reply_to:
             self._publish_reply(channel, props, answer)
         metrics.JOBS.labels("sync").inc()
@@ -287,6 +299,10 @@ class Consumer:
             metrics.JOBS.labels("requeued").inc()
             self._reply(channel.basic_nack, tag, requeue=True)
             return
+        except Exception as exc:  # any other failure of this one job: dead-letter it
+            log.exception("job failed", extra=extra)
+            self._dead_letter(channel, tag, props, f"{type(exc).__name__}: {exc}", "failed")
+            return
         metrics.JOBS.labels("done").inc()
         metrics.JOB_DURATION.observe(time.perf_counter() - start)
         log.debug("job done: %d users, %d cold", summary.users, summary.cold, extra=extra)
@@ -308,12 +324,17 @@ class Consumer:
         return retrying(fn)
 
     def _dead_letter(
-        self, channel: BlockingChannel, tag: int, props: BasicProperties, reason: str
+        self,
+        channel: BlockingChannel,
+        tag: int,
+        props: BasicProperties,
+        reason: str,
+        kind: str = "undecodable",
     ) -> None:
         log.error(
             "dead-lettering message %s: %s", props.message_id, reason[:500], extra=_ids(props)
         )
-        metrics.DEAD_LETTERED.labels("undecodable").inc()
+        metrics.DEAD_LETTERED.labels(kind).inc()
         metrics.JOBS.labels("dead").inc()
         # The broker's copy on the dead-events queue counts it in its batch ledger.
         self._reply(channel.basic_reject, tag, requeue=False)

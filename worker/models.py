@@ -18,10 +18,10 @@ from pathlib import Path
 import numpy as np
 
 from recfleet.shared.artifacts import MANIFEST, SHARD_MAP, Artifacts, current_dir
+from recfleet.shared.codec import model_tag
 from recfleet.shared.drift import POPULARITY_EDGES
 from recfleet.shared.errors import ArtifactError, TransientError
 from recfleet.shared.shards import load_model, read_shard_map
-from recfleet.shared.store import model_tag
 from recfleet.worker import metrics
 from recfleet.worker.ranking import Ranker
 
