@@ -216,3 +216,17 @@ async def test_batch_and_sync_through_the_gateway_and_one_worker_per_shard(
     assert cold["cold"] is True and cold["playlists"] == expected[UNKNOWN]
     assert [row["user_id"] for row in sync.json()] == [5997, 3, UNKNOWN]
     assert [row["playlists"] for row in sync.json()] == [expected[u] for u in (5997, 3, UNKNOWN)]
+
+
+def test_bench_memory_figures_come_from_proc(tmp_path: Path) -> None:
+    import os
+
+    from recfleet.cli.bench_shards import model_resident_mb, process_memory_mb
+
+    np.save(tmp_path / "model.npy", np.ones(1 << 20, dtype=np.float32))  # 4 MB
+    mapped = np.load(tmp_path / "model.npy", mmap_mode="r")
+    assert float(mapped.sum()) == 1 << 20  # touch every page
+    assert 3.9 <= model_resident_mb(os.getpid(), tmp_path) <= 4.1
+    assert model_resident_mb(os.getpid(), tmp_path / "elsewhere") == 0
+    mem = process_memory_mb(os.getpid())
+    assert mem["rss_mb"] >= mem["private_mb"] > 0 and mem["pss_mb"] > 0
