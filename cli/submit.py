@@ -31,10 +31,11 @@ def read_ids(path: Path) -> list[int]:
 def all_user_ids(s: Settings) -> list[int]:
     """Every user id of the current artifacts. Raises click.ClickException if they do not
     read."""
-    from recfleet.shared.artifacts import current_dir, read_manifest
+    from recfleet.shared.artifacts import current_dir
+    from recfleet.shared.shards import model_manifest
 
     try:
-        return list(range(int(read_manifest(current_dir(s.artifacts))["n_users"])))
+        return list(range(int(model_manifest(current_dir(s.artifacts))["n_users"])))
     except ArtifactError as exc:
         raise click.ClickException(str(exc)) from exc
 

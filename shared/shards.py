@@ -37,6 +37,7 @@ from recfleet.shared.artifacts import (
     load_artifacts,
     load_npy,
     map_tensor,
+    read_manifest,
     safetensors_layout,
     sha256_file,
 )
@@ -271,3 +272,12 @@ def shard_count(root: Path | str) -> int:
         return read_shard_map(current_dir(Path(root))).count
     except (ArtifactError, OSError):
         return 1
+
+
+def model_manifest(path: Path | str) -> dict[str, Any]:
+    """The model-wide manifest fields (version, sizes, metrics) of a model directory,
+    sharded or not. Raises ArtifactError when it does not read."""
+    path = Path(path)
+    if is_sharded(path):
+        return read_shard_map(path).doc
+    return read_manifest(path)

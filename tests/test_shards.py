@@ -230,3 +230,13 @@ def test_bench_memory_figures_come_from_proc(tmp_path: Path) -> None:
     assert model_resident_mb(os.getpid(), tmp_path / "elsewhere") == 0
     mem = process_memory_mb(os.getpid())
     assert mem["rss_mb"] >= mem["private_mb"] > 0 and mem["pss_mb"] > 0
+
+
+def test_submit_all_counts_the_users_of_every_shard(
+    sharded_artifacts: Path, small_artifacts: Path
+) -> None:
+    from recfleet.cli.submit import all_user_ids
+
+    for artifacts in (sharded_artifacts, small_artifacts):
+        ids = all_user_ids(Settings(environment="test", artifacts=artifacts))
+        assert ids == list(range(6000))
