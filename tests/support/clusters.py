@@ -85,22 +85,8 @@ class RedisClusterNodes:
     def start(self) -> None:
         """Start the 6 nodes and create the cluster. Raises TimeoutError if it never forms."""
         for port in self.ports:
-            d = self.base / str(port)
-            d.mkdir()
-            subprocess.run(
-                [
-                    "redis-server", "--port", str(port), "--bind", "127.0.0.1",
-                    "--cluster-enabled", "yes", "--cluster-config-file", str(d / "nodes.conf"),
-                    "--cluster-node-timeout", str(self.node_timeout_ms),
-                    # A replica fails over however long it was apart from its primary,
-                    # and replicas sync at once (no 5 s wait to batch diskless syncs).
-                    "--cluster-replica-validity-factor", "0",
-                    "--repl-diskless-sync-delay", "0",
-                    "--save", "", "--appendonly", "no", "--dir", str(d),
-                    "--daemonize", "yes", "--pidfile", str(d / "pid"), "--logfile", str(d / "log"),
-                ],
-                check=True,
-            )  # fmt: skip
+            (self.base / str(port)).mkdir()
+            self._spawn(port)
         for port in self.ports:
             pidfile = self.base / str(port) / "pid"
             _wait(pidfile.is_file, 30, f"redis {port} wrote no pid file")
@@ -118,6 +104,34 @@ class RedisClusterNodes:
         roles = [redis.Redis(port=p).info("replication") for p in self.ports]
         replicas = [r for r in roles if r["role"] == "slave"]
         return len(replicas) == 3 and all(r["master_link_status"] == "up" for r in replicas)
+
+    def _spawn(self, port: int) -> None:
+        d = self.base / str(port)
+        (d / "pid").unlink(missing_ok=True)
+        subprocess.run(
+            [
+                "redis-server", "--port", str(port), "--bind", "127.0.0.1",
+                "--cluster-enabled", "yes", "--cluster-config-file", str(d / "nodes.conf"),
+                "--cluster-node-timeout", str(self.node_timeout_ms),
+                # A replica fails over however long it was apart from its primary,
+                # and replicas sync at once (no 5 s wait to batch diskless syncs).
+                "--cluster-replica-validity-factor", "0",
+                "--repl-diskless-sync-delay", "0",
+                "--save", "", "--appendonly", "no", "--dir", str(d),
+                "--daemonize", "yes", "--pidfile", str(d / "pid"), "--logfile", str(d / "log"),
+            ],
+            check=True,
+        )  # fmt: skip
+
+    def restart(self, port: int) -> None:
+        """Start a killed node again; it rejoins (as a replica of whoever took over) and
+        the cluster is healthy again. Raises TimeoutError if it does not."""
+        self._spawn(port)
+        pidfile = self.base / str(port) / "pid"
+        _wait(pidfile.is_file, 30, f"redis {port} wrote no pid file")
+        self.pids[port] = int(pidfile.read_text())
+        _wait(self.healthy, 30, "the Redis Cluster did not heal")
+        _wait(self._replicas_synced, 30, "the replicas did not sync again")
 
     def healthy(self) -> bool:
         """Every live node says the cluster is ok and 3 primaries serve the slots."""
