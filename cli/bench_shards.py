@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 
 from recfleet.cli.client import submit, wait
 from recfleet.cli.fleet import LocalFleet, children_of
@@ -153,12 +154,26 @@ def compare(
                 log_level="WARNING",
             )
             try:
-                ids = list(range(users))
+                ids = interleaved(users, shards)
                 run = run_layout(s, layout, shards, ids, logs / f"{layout}-{r}", show)
             finally:
                 cleanup(s)
             runs[layout].append(run)
     return [_summary(layout, shards, rs) for layout, rs in runs.items()]
+
+
+def interleaved(users: int, parts: int) -> list[int]:
+    """Ids 0..users-1 taken round-robin from ``parts`` contiguous runs (0, n, 2n, 1, ...).
+
+    Every request then holds users of every shard, as the daily batch's requests should:
+    in ascending order, the first requests would all go to shard 0 while the others
+    wait. Within a run the ids stay ascending. Both layouts get the same order.
+    """
+    runs = [r.tolist() for r in np.array_split(np.arange(users), parts)]
+    out: list[int] = []
+    for i in range(max(len(r) for r in runs)):
+        out += [r[i] for r in runs if i < len(r)]
+    return out
 
 
 def _summary(layout: str, shards: int, runs: list[LayoutRun]) -> dict[str, Any]:

@@ -240,3 +240,12 @@ def test_submit_all_counts_the_users_of_every_shard(
     for artifacts in (sharded_artifacts, small_artifacts):
         ids = all_user_ids(Settings(environment="test", artifacts=artifacts))
         assert ids == list(range(6000))
+
+
+def test_bench_submits_every_shard_from_the_first_request() -> None:
+    from recfleet.cli.bench_shards import interleaved
+
+    assert interleaved(7, 2) == [0, 4, 1, 5, 2, 6, 3]
+    order = interleaved(200_000, 2)
+    assert sorted(order) == list(range(200_000))
+    assert {u >= 100_000 for u in order[:1000]} == {False, True}
