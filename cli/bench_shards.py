@@ -25,7 +25,7 @@ from recfleet.cli.fleet import LocalFleet, children_of
 from recfleet.cli.measure import cleanup
 from recfleet.shared.messages import new_id
 from recfleet.shared.settings import Settings
-from recfleet.shared.shards import shard_count
+from recfleet.shared.shards import interleave, shard_count
 
 SMAPS_FIELDS = ("Rss", "Pss", "Shared_Clean", "Shared_Dirty", "Private_Clean", "Private_Dirty")
 
@@ -163,17 +163,9 @@ def compare(
 
 
 def interleaved(users: int, parts: int) -> list[int]:
-    """Ids 0..users-1 taken round-robin from ``parts`` contiguous runs (0, n, 2n, 1, ...).
-
-    Every request then holds users of every shard, as the daily batch's requests should:
-    in ascending order, the first requests would all go to shard 0 while the others
-    wait. Within a run the ids stay ascending. Both layouts get the same order.
-    """
-    runs = [r.tolist() for r in np.array_split(np.arange(users), parts)]
-    out: list[int] = []
-    for i in range(max(len(r) for r in runs)):
-        out += [r[i] for r in runs if i < len(r)]
-    return out
+    """Ids 0..users-1 taken round-robin from ``parts`` contiguous runs (0, n, 2n, 1, ...):
+    every request then holds users of every shard. Both layouts get the same order."""
+    return interleave([r.tolist() for r in np.array_split(np.arange(users), parts)])
 
 
 def _summary(layout: str, shards: int, runs: list[LayoutRun]) -> dict[str, Any]:

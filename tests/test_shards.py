@@ -237,9 +237,11 @@ def test_submit_all_counts_the_users_of_every_shard(
 ) -> None:
     from recfleet.cli.submit import all_user_ids
 
-    for artifacts in (sharded_artifacts, small_artifacts):
-        ids = all_user_ids(Settings(environment="test", artifacts=artifacts))
-        assert ids == list(range(6000))
+    whole = all_user_ids(Settings(environment="test", artifacts=small_artifacts))
+    assert whole == list(range(6000))
+    sharded = all_user_ids(Settings(environment="test", artifacts=sharded_artifacts))
+    assert sorted(sharded) == whole
+    assert sharded[:4] == [0, 3000, 1, 3001]  # every request feeds both shards
 
 
 def test_bench_submits_every_shard_from_the_first_request() -> None:
