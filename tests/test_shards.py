@@ -251,3 +251,50 @@ def test_bench_submits_every_shard_from_the_first_request() -> None:
     order = interleaved(200_000, 2)
     assert sorted(order) == list(range(200_000))
     assert {u >= 100_000 for u in order[:1000]} == {False, True}
+
+
+def test_dlq_replay_returns_a_job_to_the_shard_queue_it_died_in(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import pika
+
+    from recfleet.cli.fleet import settings_env
+    from recfleet.shared.messages import make_jobs
+    from recfleet.shared.settings import get_settings
+    from recfleet.shared.topology import (
+        HEADER_BATCH_ID,
+        HEADER_USERS,
+        declare_blocking,
+        delete_blocking,
+        jobs_queue,
+        topology,
+    )
+
+    for name, value in settings_env(settings).items():
+        if name.startswith("RECFLEET_"):
+            monkeypatch.setenv(name, value)
+    get_settings.cache_clear()
+    shard_1 = jobs_queue(settings, 1, 2)
+    conn = pika.BlockingConnection(pika.URLParameters(settings.amqp_urls[0]))
+    try:
+        channel = conn.channel()
+        declare_blocking(channel, topology(settings, 2))
+        channel.confirm_delivery()
+        (job,) = make_jobs("batchS", [5000, 5001], 10)
+        death = {"queue": shard_1, "reason": "delivery_limit", "count": 5}
+        headers = {"x-death": [death], HEADER_BATCH_ID: "batchS", HEADER_USERS: 2}
+        props = pika.BasicProperties(message_id=job.job_id, headers=headers)
+        channel.basic_publish(
+            settings.dead_letter_exchange, settings.dead_letter_queue, job.encode(), props
+        )
+        result = CliRunner().invoke(cli, ["dlq", "replay", "--batch", "batchS"])
+        assert result.exit_code == 0, result.output
+        assert f"replayed 1 jobs onto {shard_1}" in result.output
+        deadline = time.monotonic() + 10
+        while channel.queue_declare(shard_1, passive=True).method.message_count != 1:
+            assert time.monotonic() < deadline, "the job did not reach its shard's queue"
+            time.sleep(0.05)
+    finally:
+        delete_blocking(conn.channel(), topology(settings, 2))
+        conn.close()
+        get_settings.cache_clear()
