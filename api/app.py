@@ -67,12 +67,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         state.results = ResultReader(
             redis,
             state.keys,
-            GenerationCache(
-                redis,
-                state.keys,
-                settings.read_depth,
-                settings.generation_refresh_s,
-            ),
+            GenerationCache(redis, state.keys, settings.generation_refresh_s),
         )
         metrics_server = None
         if settings.api_metrics_port:
@@ -116,7 +111,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(MetricsMiddleware)
     app.add_middleware(SecurityHeaders)
     app.add_middleware(ConcurrencyLimit, limit=settings.max_concurrency)
-    for router in (batches, drift, playlists, health, feedback, page):
+    # Routes match in order: the hottest (GET /api/playlist/{user_id}) first.
+    for router in (playlists, batches, drift, health, feedback, page):
         app.include_router(router.router)
     app.mount("/static", page.static_files(), name="static")
     app.add_exception_handler(RecfleetError, _recfleet_error)

@@ -11,10 +11,10 @@ import orjson
 import redis
 
 from recfleet.shared.codec import encode_results, model_tag
-from recfleet.shared.generations import unlink_matching
 from recfleet.shared.keys import Keys, bucket_mappings
 from recfleet.shared.messages import new_id
 from recfleet.shared.redis import redis_client
+from recfleet.shared.retention import unlink_matching
 from recfleet.shared.settings import get_settings
 
 CHUNK = 10_000

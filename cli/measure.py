@@ -11,8 +11,8 @@ import pika
 
 from recfleet.cli.client import auth_headers, submit, wait
 from recfleet.cli.fleet import LocalFleet
-from recfleet.shared.generations import unlink_matching
 from recfleet.shared.redis import redis_client
+from recfleet.shared.retention import unlink_matching
 from recfleet.shared.settings import Settings
 from recfleet.shared.shards import shard_count
 from recfleet.shared.topology import delete_blocking, topology
@@ -60,7 +60,7 @@ def measure(
             base_url=fleet.base_url, timeout=120, headers=auth_headers(settings)
         ) as client:
             start = time.perf_counter()
-            sub = submit(client, user_ids, settings.max_users_per_request)
+            sub = submit(client, user_ids, settings.max_users_per_request, run=True)
             statuses = wait(client, sub.batch_ids, sub.users, show=show)
             total = max(st["last_done_at"] or 0 for st in statuses) - _epoch(start)
     return FleetRun(

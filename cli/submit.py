@@ -64,7 +64,10 @@ def submit_cmd(
     chunk: int,
     no_wait: bool,
 ) -> None:
-    """Submit users (one id per line in USERS_FILE, or --all) and follow the batch."""
+    """Submit users (one id per line in USERS_FILE, or --all) and follow the batch.
+
+    --all is a declared run: a new generation, made current when complete and past its
+    gates. A USERS_FILE is ad-hoc: it updates those users in the current generation."""
     if bool(users_file) == all_users:
         raise click.UsageError("give either USERS_FILE or --all")
     ids = all_user_ids(s) if users_file is None else read_ids(users_file)
@@ -72,7 +75,7 @@ def submit_cmd(
         base_url=api_url or s.api_url, timeout=120, headers=auth_headers(s)
     ) as client:
         try:
-            sub = submit(client, ids, min(chunk, s.max_users_per_request))
+            sub = submit(client, ids, min(chunk, s.max_users_per_request), run=all_users)
             console.print(
                 f"accepted {sub.users:,} users in {sub.jobs:,} jobs, "
                 f"batches: {' '.join(sub.batch_ids)}"

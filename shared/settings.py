@@ -53,9 +53,11 @@ class Settings(BaseSettings):
     # Redis key prefix; every key recfleet writes starts with it.
     redis_prefix: str = Field(default="rf", pattern=r"^[A-Za-z0-9_.-]{1,32}$")
     batch_ttl_s: int = Field(default=7 * 24 * 3600, ge=60)
-    # Generations: how many recent ones a read looks through, and the switch gates.
-    read_depth: int = Field(default=3, ge=1, le=16)
+    # A batch opened (POST /api/batches) that never gets a user is forgotten sooner.
+    open_batch_ttl_s: int = Field(default=3600, ge=60)
+    # Generations: how often the gateway re-reads the active list, and the switch gates.
     generation_refresh_s: float = Field(default=1.0, gt=0)
+    gate_min_coverage: float = Field(default=0.9, ge=0, le=1)
     gate_max_dead_fraction: float = Field(default=0.01, ge=0, le=1)
     gate_max_cold_fraction: float = Field(default=0.5, ge=0, le=1)
 

@@ -96,7 +96,9 @@ async def test_stopping_the_leader_of_a_jobs_queue_mid_batch_loses_nothing(
                 async def submit(users: list[int]) -> None:
                     nonlocal refused, submitted
                     submitted += len(users)
-                    resp = await api.post("/api/playlist/beta_recommend/", json={"user_ids": users})
+                    resp = await api.post(
+                        "/api/playlist/beta_recommend/", json={"user_ids": users, "run": True}
+                    )
                     if resp.status_code == 202:
                         accepted[resp.json()["batch_id"]] = users
                     else:

@@ -32,10 +32,12 @@ from tests.support.settings import make_settings, purge
 # The generation tests, run again here with the fixtures below (a cluster underneath).
 from tests.test_generations import (  # noqa: F401
     test_a_failed_gate_leaves_the_old_generation_current,
+    test_a_run_covering_far_fewer_users_than_the_current_one_is_rejected,
+    test_a_whole_run_in_one_request,
     test_finalize_is_idempotent,
-    test_open_append_seal_over_http,
+    test_open_append_seal_a_declared_run_over_http,
     test_readers_see_the_old_generation_until_the_new_one_is_complete,
-    test_rollback_and_prune,
+    test_rollback,
     test_users_left_out_keep_their_last_result,
 )
 
@@ -95,7 +97,9 @@ async def test_a_primary_killed_mid_batch_loses_nothing(
         async with app.router.lifespan_context(app):
             transport = httpx.ASGITransport(app=app)
             async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as api:
-                resp = await api.post("/api/playlist/beta_recommend/", json={"user_ids": users})
+                resp = await api.post(
+                    "/api/playlist/beta_recommend/", json={"user_ids": users, "run": True}
+                )
                 assert resp.status_code == 202, resp.text
                 batch_id = resp.json()["batch_id"]
                 victim = redis_cluster.primary_of(keys.batch(batch_id))

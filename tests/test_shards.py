@@ -182,7 +182,9 @@ async def test_batch_and_sync_through_the_gateway_and_one_worker_per_shard(
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as api:
-            resp = await api.post("/api/playlist/beta_recommend/", json={"user_ids": users})
+            resp = await api.post(
+                "/api/playlist/beta_recommend/", json={"user_ids": users, "run": True}
+            )
             assert resp.status_code == 202, resp.text
             accepted = resp.json()
             assert accepted["users"] == len(users) and accepted["jobs"] == 3  # 1000 + 1001 users
