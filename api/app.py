@@ -16,7 +16,6 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
 from fastapi_offline import FastAPIOffline
 from prometheus_client import start_http_server
-from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -33,6 +32,7 @@ from recfleet.api.schemas import Problem
 from recfleet.api.sync import SyncRequester
 from recfleet.shared.errors import RecfleetError, TransientError
 from recfleet.shared.keys import Keys
+from recfleet.shared.redis import async_redis_client
 from recfleet.shared.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -46,8 +46,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         publisher = Publisher(settings)
-        redis = Redis.from_url(str(settings.redis_url))
-        sync = SyncRequester(settings)
+        redis = async_redis_client(settings)
+        sync = SyncRequester(settings, publisher.router)
         publisher.on_connect(sync.start)
         # Returns even when the broker is down: /readyz says 503 until it connects.
         await publisher.start()

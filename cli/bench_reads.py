@@ -18,7 +18,6 @@ from pathlib import Path
 import click
 import httpx
 import numpy as np
-import redis
 
 from recfleet.cli.bench_bare import GENERATION
 from recfleet.cli.fleet import LocalFleet, settings_env
@@ -26,6 +25,7 @@ from recfleet.cli.measure import cleanup
 from recfleet.shared.codec import encode_results, model_tag
 from recfleet.shared.keys import Keys, bucket_mappings
 from recfleet.shared.messages import new_id
+from recfleet.shared.redis import redis_client
 from recfleet.shared.settings import Settings, get_settings
 
 WRK_SCRIPT = """
@@ -66,7 +66,7 @@ def parse_wrk(output: str) -> dict[str, float]:
 def populate(settings: Settings, users: int, generations: int) -> None:
     """Write ``generations`` generations of synthetic results for users 0..users-1 and
     make them active, the newest (the one the bare route reads) current."""
-    client = redis.Redis.from_url(str(settings.redis_url))
+    client = redis_client(settings)
     keys = Keys(settings.redis_prefix)
     rng = np.random.default_rng(0)
     tag = model_tag("bench-model")

@@ -10,13 +10,14 @@ import redis
 from recfleet.shared.generations import activate, history
 from recfleet.shared.keys import BASE, Keys
 from recfleet.shared.ledger import LedgerStatus
+from recfleet.shared.redis import redis_client
 from recfleet.shared.retention import prune, usage
 from recfleet.shared.settings import Settings, get_settings
 
 
 def _client() -> tuple[redis.Redis, Keys, Settings]:
     s = get_settings()
-    return redis.Redis.from_url(str(s.redis_url)), Keys(s.redis_prefix), s
+    return redis_client(s), Keys(s.redis_prefix), s
 
 
 @click.group()

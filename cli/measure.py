@@ -8,12 +8,13 @@ from pathlib import Path
 
 import httpx
 import pika
-import redis
 
 from recfleet.cli.client import auth_headers, submit, wait
 from recfleet.cli.fleet import LocalFleet
+from recfleet.shared.redis import redis_client
 from recfleet.shared.retention import unlink_matching
 from recfleet.shared.settings import Settings
+from recfleet.shared.shards import shard_count
 from recfleet.shared.topology import delete_blocking, topology
 
 
@@ -81,10 +82,10 @@ def _epoch(perf_start: float) -> float:
 
 def cleanup(settings: Settings) -> None:
     """Delete a run's Redis keys (by prefix, without blocking Redis) and its queues."""
-    client = redis.Redis.from_url(str(settings.redis_url))
+    client = redis_client(settings)
     unlink_matching(client, f"{settings.redis_prefix}:*", chunk=1000)
     client.close()
-    conn = pika.BlockingConnection(pika.URLParameters(str(settings.amqp_url)))
+    conn = pika.BlockingConnection([pika.URLParameters(u) for u in settings.amqp_urls])
     channel = conn.channel()
-    delete_blocking(channel, topology(settings))
+    delete_blocking(channel, topology(settings, shard_count(settings.artifacts)))
     conn.close()

@@ -29,12 +29,14 @@ def read_ids(path: Path) -> list[int]:
 
 
 def all_user_ids(s: Settings) -> list[int]:
-    """Every user id of the current artifacts. Raises click.ClickException if they do not
-    read."""
-    from recfleet.shared.artifacts import current_dir, read_manifest
+    """Every user id of the current artifacts, round-robin over the shards of a sharded
+    model (so every request feeds every shard). Raises click.ClickException if they do
+    not read."""
+    from recfleet.shared.artifacts import current_dir
+    from recfleet.shared.shards import submit_order
 
     try:
-        return list(range(int(read_manifest(current_dir(s.artifacts))["n_users"])))
+        return submit_order(current_dir(s.artifacts))
     except ArtifactError as exc:
         raise click.ClickException(str(exc)) from exc
 

@@ -46,7 +46,8 @@ class Settings(BaseSettings):
     max_users_sync: int = Field(default=100, ge=1, le=1000)
     delivery_limit: int = Field(default=5, ge=1, description="deliveries before dead-lettering")
     queue_max_length: int = Field(default=1_000_000, ge=1)
-    # Members of each quorum queue; None leaves it to the broker (every cluster node).
+    # Members of each quorum queue on a RabbitMQ cluster (3 for a 3-node cluster); None on
+    # one node. When set, the sync queues are quorum queues too (see shared.topology).
     quorum_replicas: int | None = Field(default=None, ge=1, le=9)
 
     # Redis key prefix; every key recfleet writes starts with it.

@@ -40,7 +40,7 @@ from recfleet.shared.ledger import (
     LedgerStatus,
     new_batch_fields,
 )
-from recfleet.shared.messages import ID_PATTERN, Job, make_jobs, new_id
+from recfleet.shared.messages import ID_PATTERN, Job, new_id
 from recfleet.shared.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -141,7 +141,11 @@ async def _queue(
     when the broker did not confirm every job.
     """
     user_ids = unique_in_order(body.user_ids)
-    n_jobs = -(-len(user_ids) // s.job_size)
+    router = publisher.router
+    parts = router.split(user_ids)
+    n_jobs = router.count_jobs(parts)
+    # The queues of every shard exist before any job is counted in a ledger.
+    await publisher.ensure_shards(router.shards)
     if body.batch_id is None:
         batch_id, first = new_id(), 0
         ledger = keys.batch(batch_id)
@@ -164,9 +168,9 @@ async def _queue(
         async with redis.pipeline(transaction=True) as pipe:
             _hold_publish_lease(pipe, ledger, s)
             await pipe.execute()
-    jobs = make_jobs(batch_id, user_ids, s.job_size, first_index=first)
+    jobs, queues = router.jobs(batch_id, parts, first_index=first)
     try:
-        await publisher.publish_jobs(jobs)
+        await publisher.publish_jobs(jobs, queues)
     except PublishFailed as exc:
         await _undo(redis, ledger, exc.failed, exc.reason)
         metrics.PUBLISH_FAILURES.labels(exc.reason).inc()

@@ -59,5 +59,5 @@ async def recommend_now(body: UserIdsRequest, s: SettingsDep, sync: SyncDep) -> 
         user_ids=user_ids,
         created_at=time.time(),
     )
-    answer = await sync.request(job)  # SyncTimeout (504), BrokerUnavailable (503)
+    answer = await sync.request_routed(job)  # SyncTimeout (504), BrokerUnavailable (503)
     return [SyncResult(**row) for row in answer]
