@@ -2,10 +2,14 @@
 
 Builds synthetic tables (or maps a real artifact directory), warms up, then times
 ``Ranker.rank`` on jobs of random users and reports the median users/s over repeats,
-with ``--compare`` running the per-user-loop and padded-bmm baselines side by side::
+with ``--compare`` running the baselines of ``worker.bench_baselines`` (the previous
+kernel, the per-user loop, padded bmm) side by side, interleaved repeat by repeat::
 
     recfleet bench rank --users 1000000 --playlists 1000000 --distribution zipf --compare
-    recfleet bench rank --artifacts artifacts/current --json
+    recfleet bench rank --artifacts artifacts/current --compare --json
+
+``--dtype float16`` ranks against a float16 copy of a float32 table (and vice versa), so
+the two can be compared on one artifact directory.
 
 Synthetic candidates: 20–100 per user (uniform), playlist rows drawn uniformly or from a
 Zipf-like popularity law (``w = (rank + 1) ** -0.9`` as in ``offline.synthetic``, ranks
@@ -26,6 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from recfleet.worker.bench_baselines import BlockedRanker, padded_bmm, per_user_loop
 from recfleet.worker.ranking import Ranker
 
 ZIPF_EXPONENT = 0.9
@@ -92,44 +97,6 @@ def _touch(arrays: Sequence[np.ndarray]) -> None:
         float(flat[::step].sum(dtype=np.float64))
 
 
-def per_user_loop(model: dict[str, np.ndarray], k: int) -> Callable[[np.ndarray], Any]:
-    """Baseline: flatten each user's candidates, score them, torch.topk, one user at a time."""
-    users = torch.from_numpy(model["user_embeddings"])
-    table = torch.from_numpy(model["playlist_embeddings"])
-    indptr, indices = model["candidates_indptr"], model["candidates_indices"]
-
-    def rank(rows: np.ndarray) -> list[torch.Tensor]:
-        out = []
-        for row in rows.tolist():
-            cands = torch.from_numpy(indices[indptr[row] : indptr[row + 1]].astype(np.int64))
-            scores = table[cands].float() @ users[row].float()
-            top = torch.topk(scores, min(k, len(cands))).indices
-            out.append(cands[top])
-        return out
-
-    return rank
-
-
-def padded_bmm(model: dict[str, np.ndarray], k: int) -> Callable[[np.ndarray], Any]:
-    """Baseline: gather a padded [n, max_candidates, dim] tensor, bmm, mask, one topk."""
-    users = torch.from_numpy(model["user_embeddings"])
-    table = torch.from_numpy(model["playlist_embeddings"])
-    indptr, indices = model["candidates_indptr"], model["candidates_indices"]
-
-    def rank(rows: np.ndarray) -> torch.Tensor:
-        starts, counts = indptr[rows], indptr[rows + 1] - indptr[rows]
-        width = int(counts.max())
-        offsets = np.arange(width)
-        valid = offsets[None, :] < counts[:, None]
-        padded = np.where(valid, indices[np.where(valid, starts[:, None] + offsets, 0)], 0)
-        cands = torch.from_numpy(padded.astype(np.int64))
-        scores = torch.bmm(table[cands].float(), users[rows].float().unsqueeze(2)).squeeze(2)
-        scores.masked_fill_(torch.from_numpy(~valid), float("-inf"))
-        return cands.gather(1, scores.topk(min(k, width), dim=1).indices)
-
-    return rank
-
-
 def _time_jobs(rank: Callable[[np.ndarray], Any], jobs: Sequence[np.ndarray]) -> list[float]:
     times = []
     for job in jobs:
@@ -170,7 +137,8 @@ def run(
     """Time Ranker.rank (and, with compare, the baselines) and return the figures.
 
     With ``artifacts`` the tables come from that directory (users, playlists, dim and
-    distribution are then ignored). Sets torch's thread count for the run and restores it.
+    distribution are then ignored; the playlist table is converted to ``dtype``).
+    Sets torch's thread count for the run and restores it.
     Raises shared.errors.ArtifactError for an unreadable artifact directory.
     """
     if artifacts is not None:
@@ -187,6 +155,8 @@ def run(
                 "fallback",
             )
         }
+        if model["playlist_embeddings"].dtype != np.dtype(dtype):
+            model["playlist_embeddings"] = model["playlist_embeddings"].astype(dtype)
         source = str(artifacts)
     else:
         model = synthetic_model(users, playlists, dim, distribution, dtype, seed)
@@ -199,7 +169,8 @@ def run(
     contenders: dict[str, tuple[Callable[[np.ndarray], Any], Sequence[np.ndarray]]] = {
         "ranker": (ranker.rank, jobs)
     }
-    if compare:  # the baselines are ~20x slower: fewer jobs each, same repeats
+    if compare:  # the loop baselines are ~10x slower: fewer jobs each, same repeats
+        contenders["old_ranker"] = (BlockedRanker(**model, k=k, check=False).rank, jobs)
         few = jobs[: max(2, jobs_per_repeat // 8)]
         contenders["per_user_loop"] = (per_user_loop(model, k), few)
         contenders["padded_bmm"] = (padded_bmm(model, k), few)
