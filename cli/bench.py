@@ -23,13 +23,47 @@ def bench() -> None:
     """Benchmarks (programs, not tests): ranking alone, or the whole fleet."""
 
 
-@bench.command("rank", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
-@click.pass_context
-def bench_rank(ctx: click.Context) -> None:
-    """Ranking throughput of one torch thread, without a broker (see --help of the program)."""
-    from recfleet.worker.bench_rank import main as rank_main
+@bench.command("rank")
+@click.option("--users", type=click.IntRange(2), default=1_000_000, show_default=True)
+@click.option("--playlists", type=click.IntRange(2), default=1_000_000, show_default=True)
+@click.option("--dim", type=click.IntRange(1), default=128, show_default=True)
+@click.option("--k", type=click.IntRange(1), default=10, show_default=True)
+@click.option(
+    "--distribution", type=click.Choice(["zipf", "uniform"]), default="zipf", show_default=True
+)
+@click.option(
+    "--dtype",
+    type=click.Choice(["float32", "float16"]),
+    default="float32",
+    show_default=True,
+    help="playlist table dtype (an artifact table is converted to it)",
+)
+@click.option("--job-size", type=click.IntRange(1), default=1000, show_default=True)
+@click.option(
+    "--jobs", type=click.IntRange(1), default=40, show_default=True, help="jobs timed per repeat"
+)
+@click.option("--repeats", type=click.IntRange(1), default=7, show_default=True)
+@click.option("--threads", type=click.IntRange(1), default=1, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option(
+    "--artifacts",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    default=None,
+    help="rank a real artifact directory instead of synthetic tables",
+)
+@click.option(
+    "--compare", is_flag=True, help="also time the old kernel, the per-user loop and padded bmm"
+)
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object on the last line")
+def bench_rank(as_json: bool, **options: Any) -> None:
+    """Ranking throughput of one thread, without a broker: users/s, median of repeats."""
+    from recfleet.worker import bench_rank as program
 
-    rank_main(list(ctx.args))
+    options["jobs_per_repeat"] = options.pop("jobs")
+    result = program.run(**options)
+    click.echo(program.table(result))
+    if as_json:
+        click.echo(json.dumps(result, sort_keys=True))
 
 
 def _counts(spec: str) -> list[int]:

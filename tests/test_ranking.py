@@ -283,9 +283,17 @@ def test_bench_run_reports_figures_and_baselines() -> None:
     assert set(result["baselines"]) == {"old_ranker", "per_user_loop", "padded_bmm"}
 
 
-def test_bench_main_ends_with_json(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+def test_bench_command_ends_with_json_and_documents_its_options(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from recfleet.cli.bench import bench
+
     write_artifacts(tmp_path / "art", make_model(13))
-    argv = ["--artifacts", str(tmp_path / "art"), "--repeats", "1", "--jobs", "2", "--json"]
-    assert bench_rank.main(argv) == 0
-    last = capsys.readouterr().out.strip().splitlines()[-1]
-    assert json.loads(last)["users_per_s"] > 0
+    argv = ["rank", "--artifacts", str(tmp_path / "art"), "--repeats", "1", "--jobs", "2"]
+    result = CliRunner().invoke(bench, [*argv, "--compare", "--json"])
+    assert result.exit_code == 0, result.output
+    figures = json.loads(result.output.strip().splitlines()[-1])
+    assert figures["users_per_s"] > 0 and "old_ranker" in figures["baselines"]
+    help_text = CliRunner().invoke(bench, ["rank", "--help"]).output
+    for option in ("--artifacts", "--compare", "--dtype", "--repeats", "--json"):
+        assert option in help_text

@@ -14,13 +14,12 @@ the two can be compared on one artifact directory.
 Synthetic candidates: 20–100 per user (uniform), playlist rows drawn uniformly or from a
 Zipf-like popularity law (``w = (rank + 1) ** -0.9`` as in ``offline.synthetic``, ranks
 randomly permuted over the table so popular rows are scattered). With ``--json`` the last
-line printed is one JSON object whose throughput field is ``users_per_s``.
+line printed is one JSON object whose throughput field is ``users_per_s``
+(``recfleet bench rank``).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -207,7 +206,8 @@ def run(
     return result
 
 
-def _table(result: dict[str, Any]) -> str:
+def table(result: dict[str, Any]) -> str:
+    """The figures of ``run`` as a text table, with the speed-ups over each baseline."""
     rows = [("ranker", result), *result.get("baselines", {}).items()]
     lines = [
         f"{result['source']}: {result['users']:,} users, {result['playlists']:,} playlists, "
@@ -226,46 +226,3 @@ def _table(result: dict[str, Any]) -> str:
         speedup = result["users_per_s"] / fig["users_per_s"]
         lines.append(f"ranker speed-up over {name}: {speedup:.1f}x")
     return "\n".join(lines)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Command line: prints a table, and with --json a JSON object as the last line."""
-    parser = argparse.ArgumentParser(prog="bench_rank", description=__doc__.splitlines()[0])
-    parser.add_argument("--users", type=int, default=1_000_000)
-    parser.add_argument("--playlists", type=int, default=1_000_000)
-    parser.add_argument("--dim", type=int, default=128)
-    parser.add_argument("--k", type=int, default=10)
-    parser.add_argument("--distribution", choices=("zipf", "uniform"), default="zipf")
-    parser.add_argument("--dtype", choices=("float32", "float16"), default="float32")
-    parser.add_argument("--job-size", type=int, default=1000)
-    parser.add_argument("--jobs", type=int, default=40, help="jobs timed per repeat")
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--artifacts", type=Path, default=None, help="artifact directory")
-    parser.add_argument("--compare", action="store_true", help="also time the baselines")
-    parser.add_argument("--json", action="store_true", help="end with one JSON line")
-    args = parser.parse_args(argv)
-    result = run(
-        users=args.users,
-        playlists=args.playlists,
-        dim=args.dim,
-        k=args.k,
-        job_size=args.job_size,
-        repeats=args.repeats,
-        threads=args.threads,
-        distribution=args.distribution,
-        artifacts=args.artifacts,
-        jobs_per_repeat=args.jobs,
-        compare=args.compare,
-        dtype=args.dtype,
-        seed=args.seed,
-    )
-    print(_table(result))
-    if args.json:
-        print(json.dumps(result, sort_keys=True))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
