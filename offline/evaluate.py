@@ -123,12 +123,12 @@ def candidate_recall(
 
 
 def bpr_scorer(user_emb: np.ndarray, playlist_emb: np.ndarray) -> Scorer:
-    """Scores ``u·p``, computed as the workers do (torch, float32)."""
+    """Scores ``u·p`` in float32 (a float16 table is widened, as the workers do)."""
     users_t, playlists_t = torch.from_numpy(user_emb), torch.from_numpy(playlist_emb)
 
     def score(users: np.ndarray, cands: np.ndarray) -> np.ndarray:
-        u = users_t[torch.from_numpy(users).long()].unsqueeze(2)
-        p = playlists_t[torch.from_numpy(cands).long()]
+        u = users_t[torch.from_numpy(users).long()].float().unsqueeze(2)
+        p = playlists_t[torch.from_numpy(cands).long()].float()
         return torch.bmm(p, u).squeeze(2).numpy()
 
     return score
