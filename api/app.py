@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import logging
 from collections.abc import AsyncIterator
@@ -17,15 +18,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from recfleet.api.broker import Publisher
 from recfleet.api.db import Database
-from recfleet.api.deps import Clients
 from recfleet.api.limits import BodySizeLimit
 from recfleet.api.metrics import MetricsMiddleware
 from recfleet.api.results import GenerationCache, ResultReader
 from recfleet.api.routes import batches, drift, feedback, health, page, playlists
 from recfleet.api.sync import SyncRequester
-from recfleet.shared.generations import GenerationKeys
+from recfleet.shared.errors import RecfleetError, TransientError
+from recfleet.shared.keys import Keys
 from recfleet.shared.settings import Settings, get_settings
-from recfleet.shared.store import Keys
 
 log = logging.getLogger(__name__)
 
@@ -45,24 +45,28 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # Opens without waiting: the gateway serves recommendations while PostgreSQL is down.
         db = Database(settings)
         await db.open()
-        app.state.clients = Clients(
-            settings=settings,
-            publisher=publisher,
-            redis=redis,
-            keys=Keys(settings.redis_prefix),
-            results=ResultReader(
-                redis,
-                Keys(settings.redis_prefix),
-                GenerationCache(
-                    redis,
-                    GenerationKeys(settings.redis_prefix),
-                    settings.read_depth,
-                    settings.generation_refresh_s,
-                ),
-            ),
-            sync=sync,
-            db=db,
+        # One attribute per resource; api/deps.py hands each to the routes that use it.
+        state = app.state
+        state.settings, state.publisher, state.redis, state.sync, state.db = (
+            settings,
+            publisher,
+            redis,
+            sync,
+            db,
         )
+        state.keys = Keys(settings.redis_prefix)
+        state.results = ResultReader(
+            redis,
+            state.keys,
+            GenerationCache(
+                redis,
+                state.keys,
+                settings.read_depth,
+                settings.generation_refresh_s,
+            ),
+        )
+        stop_monitor = asyncio.Event()
+        monitor = asyncio.create_task(drift.monitor(redis, settings, stop_monitor), name="monitor")
         # Everything built so far lives as long as the process: keep it out of the cyclic
         # collector's full passes, which otherwise stall every request for tens of ms.
         gc.freeze()
@@ -70,6 +74,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             yield
         finally:
+            # The event, not only the cancel: a cancel that lands in an HTTP client's own
+            # timeout can come back as a timeout error, which the monitor would survive.
+            stop_monitor.set()
+            monitor.cancel()
+            await asyncio.wait([monitor], timeout=10)
             await publisher.close()
             await redis.aclose()
             await db.close()
@@ -89,6 +98,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(feedback.router)
     app.include_router(page.router)
     app.mount("/static", page.static_files(), name="static")
+    app.add_exception_handler(RecfleetError, _recfleet_error)
     app.add_exception_handler(RedisConnectionError, _redis_unavailable)
     app.add_exception_handler(RedisTimeoutError, _redis_unavailable)
     app.add_exception_handler(StarletteHTTPException, _http_error)
@@ -105,12 +115,26 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     return await http_exception_handler(request, exc)
 
 
-async def _redis_unavailable(_request: Request, exc: Exception) -> JSONResponse:
+async def _recfleet_error(_request: Request, exc: Exception) -> JSONResponse:
+    """The one place an error becomes an answer: its status, its short detail, and
+    ``Retry-After`` when it is transient."""
+    assert isinstance(exc, RecfleetError)
+    retry_after = exc.retry_after_s
+    if exc.transient:
+        log.warning("%s: %s", type(exc).__name__, exc.detail)
+    return JSONResponse(
+        {"detail": exc.detail},
+        status_code=exc.status_code,
+        headers={"Retry-After": str(retry_after)} if retry_after is not None else None,
+    )
+
+
+async def _redis_unavailable(request: Request, exc: Exception) -> JSONResponse:
     """Redis down (or still loading its data after a restart) is an outage, not a bug:
     503 with Retry-After, so clients come back instead of giving up on a 500."""
     log.warning("Redis unavailable: %r", exc)
-    return JSONResponse(
-        {"detail": "Redis is unavailable; retry later"},
-        status_code=503,
-        headers={"Retry-After": "5"},
-    )
+    return await _recfleet_error(request, RedisUnavailable("Redis is unavailable; retry later"))
+
+
+class RedisUnavailable(TransientError):
+    """Redis refused or timed out (the redis-py errors, seen as recfleet's)."""

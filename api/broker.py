@@ -11,22 +11,21 @@ import aiormq
 from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential
 
+from recfleet.shared.errors import TransientError
 from recfleet.shared.messages import CONTENT_TYPE, Job
 from recfleet.shared.settings import Settings
 from recfleet.shared.topology import (
     HEADER_BATCH_ID,
     HEADER_SCHEMA,
     HEADER_USERS,
-    dead_events_queue_arguments,
-    dead_letter_queue_arguments,
-    jobs_queue_arguments,
-    sync_queue_arguments,
+    declare_async,
+    topology,
 )
 
 log = logging.getLogger(__name__)
 
 
-class PublishFailed(Exception):
+class PublishFailed(TransientError):
     """The broker did not confirm some jobs: nacked, returned, timed out or unreachable.
 
     ``failed`` lists the jobs without a confirm; the others were confirmed and will run.
@@ -36,6 +35,10 @@ class PublishFailed(Exception):
         super().__init__(reason)
         self.reason = reason
         self.failed = failed or []
+
+    @property
+    def detail(self) -> str:
+        return f"not accepted: {self.reason}; retry later"
 
 
 class Publisher:
@@ -83,7 +86,7 @@ class Publisher:
         connection = await aio_pika.connect_robust(str(s.amqp_url), timeout=10)
         try:
             channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
-            await declare_topology(channel, s)
+            await declare_async(channel, topology(s))
             for callback in self._on_connect:
                 await callback(connection)
         except BaseException:
@@ -151,25 +154,6 @@ class Publisher:
             mandatory=True,
             timeout=self._settings.publish_timeout_s,
         )
-
-
-async def declare_topology(channel: aio_pika.abc.AbstractChannel, settings: Settings) -> None:
-    """Declare the queues and the dead-letter exchange (idempotent; same as the workers)."""
-    dlx = await channel.declare_exchange(
-        settings.dead_letter_exchange, aio_pika.ExchangeType.DIRECT, durable=True
-    )
-    for name, arguments in (
-        (settings.dead_letter_queue, dead_letter_queue_arguments(settings)),
-        (settings.dead_events_queue, dead_events_queue_arguments(settings)),
-    ):
-        queue = await channel.declare_queue(name, durable=True, arguments=arguments)
-        await queue.bind(dlx, routing_key=settings.dead_letter_queue)
-    await channel.declare_queue(
-        settings.jobs_queue, durable=True, arguments=jobs_queue_arguments(settings)
-    )
-    await channel.declare_queue(
-        settings.sync_queue, durable=True, arguments=sync_queue_arguments(settings)
-    )
 
 
 # What an unreachable (or not yet started) broker raises while connecting.

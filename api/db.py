@@ -21,7 +21,7 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from recfleet.api.metrics import REGISTRY
 from recfleet.shared import metrics as names
-from recfleet.shared.errors import RecfleetError
+from recfleet.shared.errors import Conflict, PermanentError, TransientError
 from recfleet.shared.feedback import CTR_BY_MODEL, Impression, Like, LikeRequest, to_ctr_rows
 from recfleet.shared.settings import Settings
 
@@ -61,15 +61,15 @@ FAILURES = Counter(
 )
 
 
-class DatabaseUnavailable(RecfleetError):
+class DatabaseUnavailable(TransientError):
     """PostgreSQL cannot be reached, or its schema is not there; nothing was written."""
 
 
-class LikeRefused(RecfleetError):
+class LikeRefused(PermanentError):
     """The like does not answer a list shown to that user."""
 
 
-class LikeConflict(RecfleetError):
+class LikeConflict(Conflict):
     """The like id is already taken by a different like."""
 
 

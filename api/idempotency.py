@@ -8,11 +8,14 @@ import re
 import orjson
 from redis.asyncio import Redis
 
+from recfleet.shared.errors import Conflict
+from recfleet.shared.keys import Keys
+
 KEY_PATTERN = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
 PENDING = b"pending"
 
 
-class IdempotencyConflict(Exception):
+class IdempotencyConflict(Conflict):
     """The key is in use by a request still running, or by a request with another body."""
 
 
@@ -30,11 +33,11 @@ class IdempotencyStore:
 
     def __init__(self, redis: Redis, prefix: str, window_s: int) -> None:
         self.redis = redis
-        self.prefix = prefix
+        self.keys = Keys(prefix)
         self.window_s = window_s
 
     def _key(self, key: str) -> str:
-        return f"{self.prefix}:idem:{digest(key)}"
+        return self.keys.idempotency(digest(key))
 
     async def begin(self, key: str, body_digest: str) -> dict | None:
         """Claim ``key``; return the earlier answer if the same request already succeeded.

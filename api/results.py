@@ -8,8 +8,9 @@ from dataclasses import dataclass, field
 from redis.asyncio import Redis
 
 from recfleet.api.schemas import UserResult
-from recfleet.shared.generations import LIVE, GenerationKeys
-from recfleet.shared.store import Keys, decode_result
+from recfleet.shared.codec import decode_result
+from recfleet.shared.generations import LIVE
+from recfleet.shared.keys import Keys
 
 
 def _text(value: object) -> str:
@@ -25,7 +26,7 @@ class GenerationCache:
     """
 
     redis: Redis
-    keys: GenerationKeys
+    keys: Keys
     depth: int
     refresh_s: float
     _active: list[str] = field(default_factory=list)

@@ -9,14 +9,21 @@ import aio_pika
 import orjson
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobustConnection
 
+from recfleet.shared.errors import TransientError
 from recfleet.shared.messages import CONTENT_TYPE, Job
 from recfleet.shared.settings import Settings
 
 REPLY_TO = "amq.rabbitmq.reply-to"
 
 
-class SyncTimeout(Exception):
+class SyncTimeout(TransientError):
     """No worker answered in time."""
+
+    status_code = 504
+
+
+class BrokerUnavailable(TransientError):
+    """The gateway is not connected to the broker."""
 
 
 class SyncRequester:
@@ -45,10 +52,10 @@ class SyncRequester:
         """Send ``job`` and return the worker's answer.
 
         Raises SyncTimeout when no answer arrives within ``sync_timeout_s``, and
-        ConnectionError when the broker cannot be reached.
+        BrokerUnavailable when the broker cannot be reached.
         """
         if self._channel is None or self._channel.is_closed:
-            raise ConnectionError("not connected to the broker")
+            raise BrokerUnavailable("not connected to the broker; retry later")
         correlation_id = uuid.uuid4().hex
         future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
         self._waiting[correlation_id] = future

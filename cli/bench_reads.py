@@ -17,10 +17,10 @@ import redis
 
 from recfleet.cli.fleet import LocalFleet
 from recfleet.cli.measure import cleanup
-from recfleet.shared.generations import GenerationKeys, bucket_mappings
+from recfleet.shared.codec import encode_results, model_tag
+from recfleet.shared.keys import Keys, bucket_mappings
 from recfleet.shared.messages import new_id
 from recfleet.shared.settings import Settings, get_settings
-from recfleet.shared.store import Keys, encode_results, model_tag
 
 WRK_SCRIPT = """
 math.randomseed(os.time())
@@ -57,7 +57,7 @@ def parse_wrk(output: str) -> dict[str, float]:
 def populate(settings: Settings, users: int) -> None:
     """Write one generation of synthetic results for users 0..users-1 and make it current."""
     client = redis.Redis.from_url(str(settings.redis_url))
-    gen_keys = GenerationKeys(settings.redis_prefix)
+    gen_keys = Keys(settings.redis_prefix)
     rng = np.random.default_rng(0)
     tag = model_tag("bench-model")
     for start in range(0, users, 10_000):

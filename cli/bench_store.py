@@ -10,10 +10,11 @@ import numpy as np
 import orjson
 import redis
 
-from recfleet.shared.generations import GenerationKeys, bucket_mappings, unlink_matching
+from recfleet.shared.codec import encode_results, model_tag
+from recfleet.shared.generations import unlink_matching
+from recfleet.shared.keys import Keys, bucket_mappings
 from recfleet.shared.messages import new_id
 from recfleet.shared.settings import get_settings
-from recfleet.shared.store import encode_results, model_tag
 
 CHUNK = 10_000
 
@@ -30,7 +31,7 @@ def _settle(client: redis.Redis, pattern: str) -> None:
 
 
 def _write_packed(client: redis.Redis, prefix: str, users: int, k: int) -> None:
-    keys = GenerationKeys(prefix)
+    keys = Keys(prefix)
     rng = np.random.default_rng(0)
     for start in range(0, users, CHUNK):
         ids = np.arange(start, min(start + CHUNK, users))

@@ -7,10 +7,10 @@ from pathlib import Path
 import click
 import psycopg
 
+from recfleet.cli.context import settings_from
 from recfleet.shared.migrate import MIGRATIONS_DIR, MigrationError
 from recfleet.shared.migrate import status as migration_status
 from recfleet.shared.migrate import upgrade as apply_migrations
-from recfleet.shared.settings import get_settings
 
 database_url_option = click.option(
     "--database-url", default=None, help="PostgreSQL URL (default RECFLEET_DATABASE_URL)"
@@ -29,10 +29,7 @@ def resolve_database_url(database_url: str | None) -> str:
     """The URL given on the command line, else the configured one."""
     if database_url:
         return database_url
-    try:
-        return str(get_settings().database_url)
-    except ValueError as exc:  # pydantic's ValidationError is a ValueError
-        raise click.ClickException(f"bad configuration: {exc}") from exc
+    return str(settings_from(click.get_current_context()).database_url)
 
 
 @click.group()

@@ -11,12 +11,13 @@ import psycopg
 from rich.table import Table
 
 from recfleet.cli.client import GatewayError, console, submit, wait
+from recfleet.cli.context import pass_settings
 from recfleet.cli.fleet import FleetError, LocalFleet
 from recfleet.shared.artifacts import current_dir, read_manifest
 from recfleet.shared.errors import ArtifactError
 from recfleet.shared.logs import configure_logging
 from recfleet.shared.migrate import MigrationError, upgrade
-from recfleet.shared.settings import get_settings
+from recfleet.shared.settings import Settings
 
 
 def ensure_artifacts(path: Path, users: int, playlists: int) -> dict:
@@ -45,9 +46,9 @@ def ensure_artifacts(path: Path, users: int, playlists: int) -> dict:
     show_default=True,
     help="where the gateway and workers write their logs",
 )
-def demo(users: int, playlists: int, processes: int, logs: Path) -> None:
+@pass_settings
+def demo(s: Settings, users: int, playlists: int, processes: int, logs: Path) -> None:
     """Build artifacts, start a gateway and worker processes, rank every user, show results."""
-    s = get_settings()
     configure_logging("WARNING")
     manifest = ensure_artifacts(s.artifacts, users, playlists)
     try:

@@ -8,8 +8,9 @@ import click
 import httpx
 import orjson
 
+from recfleet.cli.context import api_url_option, pass_settings
 from recfleet.shared.drift import ordered_categories, shares
-from recfleet.shared.settings import get_settings
+from recfleet.shared.settings import Settings
 
 
 def _request(method: str, url: str, path: str, **kwargs: Any) -> httpx.Response:
@@ -71,8 +72,10 @@ def render(report: dict[str, Any]) -> str:
 )
 @click.option("--unpin", is_flag=True, help="drop the pinned reference, and exit")
 @click.option("--json", "as_json", is_flag=True, help="print the report as JSON")
-@click.option("--api-url", default=None, help="gateway URL (default from settings)")
+@api_url_option
+@pass_settings
 def drift(
+    s: Settings,
     batch_id: str | None,
     reference: str | None,
     pin: bool,
@@ -83,11 +86,7 @@ def drift(
     """Show BATCH_ID's cold-user fraction and a chi-square test of its recommendations'
     popularity buckets against a reference batch: --reference, else the pinned batch,
     else the batch that finished before it."""
-    try:
-        s = get_settings()
-    except ValueError as exc:  # pydantic's ValidationError is a ValueError
-        raise click.ClickException(f"bad configuration: {exc}") from exc
-    url = api_url or f"http://{s.api_host}:{s.api_port}"
+    url = api_url or s.api_url
     if pin and unpin:
         raise click.UsageError("give --pin or --unpin, not both")
     if unpin:

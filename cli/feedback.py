@@ -18,6 +18,7 @@ import httpx
 import numpy as np
 import psycopg
 
+from recfleet.cli.context import api_url_option, pass_settings
 from recfleet.cli.db import database_url_option, resolve_database_url
 from recfleet.cli.simulation import Arm, World, visit
 from recfleet.shared.artifacts import load_artifacts, read_manifest, write_manifest
@@ -29,7 +30,7 @@ from recfleet.shared.feedback import (
     save_triplets,
     start_of_day,
 )
-from recfleet.shared.settings import get_settings
+from recfleet.shared.settings import Settings
 
 BASELINE_SUFFIX = "-popularity"
 
@@ -119,7 +120,7 @@ def export(since: datetime, out: Path, database_url: str | None) -> None:
 
 @feedback.command("simulate")
 @click.option("--users", type=click.IntRange(1), required=True, help="users to simulate")
-@click.option("--api-url", default=None, help="gateway URL (default from settings)")
+@api_url_option
 @click.option(
     "--artifacts",
     type=click.Path(exists=True, file_okay=False, path_type=Path),
@@ -135,7 +136,9 @@ def export(since: datetime, out: Path, database_url: str | None) -> None:
     help="listens per visit drawn from the user's true taste; a shown one is liked",
 )
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
+@pass_settings
 def simulate(
+    settings: Settings,
     users: int,
     api_url: str | None,
     artifacts: Path | None,
@@ -146,7 +149,6 @@ def simulate(
     """Play USERS random users of the artifacts: each looks up their list through the gateway
     (an impression) and likes what their synthetic ground truth picks. Prints the CTR per
     model version, observed and expected."""
-    settings = get_settings()
     world = World.load(artifacts or settings.artifacts)
     rng = np.random.default_rng(seed)
     chosen = rng.choice(
@@ -154,7 +156,7 @@ def simulate(
     )
     arms: dict[str, Arm] = defaultdict(Arm)
     missing = 0
-    url = api_url or f"http://{settings.api_host}:{settings.api_port}"
+    url = api_url or settings.api_url
     with httpx.Client(base_url=url, timeout=30) as client:
         try:
             for user_id in chosen.tolist():

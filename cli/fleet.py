@@ -23,6 +23,10 @@ def settings_env(settings: Settings) -> dict[str, str]:
     """The environment that hands ``settings`` to a child process."""
     env = dict(os.environ)
     for name, value in settings.model_dump(mode="json").items():
+        if value is None:
+            # An unset optional setting (a shard, a replica count): unset in the child too.
+            env.pop(f"RECFLEET_{name.upper()}", None)
+            continue
         env[f"RECFLEET_{name.upper()}"] = (
             str(value).lower() if isinstance(value, bool) else str(value)
         )
@@ -41,7 +45,7 @@ class LocalFleet:
         self.start_api = start_api
         self.api: subprocess.Popen[bytes] | None = None
         self.workers: subprocess.Popen[bytes] | None = None
-        self.base_url = f"http://{settings.api_host}:{settings.api_port}"
+        self.base_url = settings.api_url
 
     def _spawn(self, name: str, args: list[str]) -> subprocess.Popen[bytes]:
         self.log_dir.mkdir(parents=True, exist_ok=True)

@@ -8,8 +8,9 @@ import click
 import redis
 
 from recfleet.shared.generations import activate, history, prune
+from recfleet.shared.keys import Keys
+from recfleet.shared.ledger import LedgerStatus
 from recfleet.shared.settings import get_settings
-from recfleet.shared.store import Keys, batch_status
 
 
 def _client() -> tuple[redis.Redis, Keys]:
@@ -30,11 +31,11 @@ def list_cmd() -> None:
     if not rows:
         click.echo("no active generation yet")
     for i, (name, activated) in enumerate(rows):
-        st = batch_status(name, client.hgetall(keys.batch(name)))
+        st = LedgerStatus.parse(name, client.hgetall(keys.batch(name)))
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(activated))
         click.echo(
-            f"{'*' if i == 0 else ' '} {name}  activated {when} UTC  users {st['users_done']:>10}"
-            f"  cold {st['cold_users']:>8}  model {st['model_version'] or '-'}"
+            f"{'*' if i == 0 else ' '} {name}  activated {when} UTC  users {st.users_done:>10}"
+            f"  cold {st.cold_users:>8}  model {st.model_version or '-'}"
         )
 
 

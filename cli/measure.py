@@ -14,7 +14,7 @@ from recfleet.cli.client import submit, wait
 from recfleet.cli.fleet import LocalFleet
 from recfleet.shared.generations import unlink_matching
 from recfleet.shared.settings import Settings
-from recfleet.shared.topology import queue_names
+from recfleet.shared.topology import delete_blocking, topology
 
 
 @dataclass
@@ -84,7 +84,5 @@ def cleanup(settings: Settings) -> None:
     client.close()
     conn = pika.BlockingConnection(pika.URLParameters(str(settings.amqp_url)))
     channel = conn.channel()
-    for queue in queue_names(settings):
-        channel.queue_delete(queue)
-    channel.exchange_delete(settings.dead_letter_exchange)
+    delete_blocking(channel, topology(settings))
     conn.close()

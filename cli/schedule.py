@@ -10,6 +10,10 @@ from datetime import UTC, datetime, timedelta
 
 import click
 
+from recfleet.cli.context import api_url_option, pass_settings
+from recfleet.cli.submit import submit_cmd
+from recfleet.shared.settings import Settings
+
 log = logging.getLogger(__name__)
 _TIME = re.compile(r"^([01]\d|2[0-3]):([0-5]\d)$")
 
@@ -64,18 +68,18 @@ def run_daily(
     metavar="HH:MM",
     help="time of day (UTC) to submit every user of the artifacts",
 )
-@click.option("--api-url", default=None, help="gateway URL (default from settings)")
-def schedule(daily_at: str, api_url: str | None) -> None:
+@api_url_option
+@pass_settings
+def schedule(s: Settings, daily_at: str, api_url: str | None) -> None:
     """Submit every user (as `recfleet submit --all --no-wait`) once a day, forever."""
     try:
         hour, minute = parse_daily_at(daily_at)
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--daily-at") from exc
-    from recfleet.cli.main import submit_cmd
 
     def job() -> None:
         args = ["--all", "--no-wait", *(["--api-url", api_url] if api_url else [])]
-        submit_cmd.main(args, standalone_mode=False)
+        submit_cmd.main(args, standalone_mode=False, obj=s)
 
     logging.basicConfig(level=logging.INFO)
     run_daily(hour, minute, job)

@@ -32,6 +32,8 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 # In a directory of artifact directories: the name of the one in use.
 CURRENT = "CURRENT"
+# A sharded model's map (see shared.shards); its directory has no manifest.json.
+SHARD_MAP = "shards.json"
 EMBEDDINGS = "embeddings.safetensors"
 NPY_FILES: dict[str, str] = {
     "candidates_indptr": "candidates_indptr.npy",
@@ -131,7 +133,7 @@ def safetensors_layout(path: Path) -> dict[str, tuple[str, list[int], int, int]]
     return layout
 
 
-def _map_tensor(path: Path, layout: dict, name: str) -> np.ndarray:
+def map_tensor(path: Path, layout: dict, name: str) -> np.ndarray:
     if name not in layout:
         raise ArtifactError(f"{path.name}: tensor {name!r} is missing")
     dtype_name, shape, begin, end = layout[name]
@@ -143,7 +145,7 @@ def _map_tensor(path: Path, layout: dict, name: str) -> np.ndarray:
     return np.memmap(path, dtype=dtype, mode="c", offset=begin, shape=tuple(shape))
 
 
-def _load_npy(path: Path, key: str) -> np.ndarray:
+def load_npy(path: Path, key: str) -> np.ndarray:
     try:
         arr = np.load(path, mmap_mode="c", allow_pickle=False)
     except (OSError, ValueError) as exc:
@@ -202,9 +204,9 @@ def load_artifacts(path: Path | str, *, verify_checksums: bool = True) -> Artifa
 
     emb_path = path / EMBEDDINGS
     layout = safetensors_layout(emb_path)
-    users = _map_tensor(emb_path, layout, "user")
-    playlists = _map_tensor(emb_path, layout, "playlist")
-    arrays: dict[str, Any] = {key: _load_npy(path / fname, key) for key, fname in NPY_FILES.items()}
+    users = map_tensor(emb_path, layout, "user")
+    playlists = map_tensor(emb_path, layout, "playlist")
+    arrays: dict[str, Any] = {key: load_npy(path / fname, key) for key, fname in NPY_FILES.items()}
     art = Artifacts(
         path=path,
         manifest=manifest,
@@ -212,11 +214,11 @@ def load_artifacts(path: Path | str, *, verify_checksums: bool = True) -> Artifa
         playlist_embeddings=playlists,
         **arrays,
     )
-    _check_shapes(art)
+    check_shapes(art)
     return art
 
 
-def _check_shapes(art: Artifacts) -> None:
+def check_shapes(art: Artifacts) -> None:
     n_users, n_playlists, dim = art.n_users, art.n_playlists, art.dim
     checks = [
         (
@@ -285,7 +287,7 @@ def write_manifest(path: Path, manifest: dict[str, Any]) -> dict[str, Any]:
 
 def current_dir(root: Path) -> Path:
     """The artifact directory to use now. Raises ArtifactError when there is none."""
-    if (root / MANIFEST).is_file():
+    if (root / MANIFEST).is_file() or (root / SHARD_MAP).is_file():
         return root
     pointer = root / CURRENT
     if not pointer.is_file():

@@ -5,88 +5,21 @@ readers never see them until the batch is complete and passes its gates, when on
 ``ZADD`` on ``P:gen:history`` makes it current. Readers look a user up in the newest
 ``read_depth`` active generations in one pipelined round trip, so a user left out
 of today's run keeps the last result they had (the documented rule).
-
-Every command here touches one key, so the layout works on a Redis Cluster: a
-batch's ledger keys share the ``{batch_id}`` slot, result buckets spread everywhere.
-
-Ledger fields added here: ``sealed`` (0 while more users may be appended),
-``gen_state`` (pending | active | rejected | retired), ``gen_reason``,
-``activated_at`` and ``model_version`` (pinned by the first job, so a generation
-never mixes model versions).
 """
 
 from __future__ import annotations
 
 import time
-from collections import defaultdict
-from collections.abc import Generator, Mapping
-from dataclasses import dataclass
+from collections.abc import Generator
 from typing import Any
 
+from recfleet.shared.keys import Keys
+from recfleet.shared.ledger import GenState, LedgerStatus
 from recfleet.shared.settings import Settings
-from recfleet.shared.store import BUCKET_BITS, Keys, batch_status
 
-PENDING, ACTIVE, REJECTED, RETIRED = "pending", "active", "rejected", "retired"
 # Where synchronous results go while no generation is current; read after all others.
 LIVE = "live"
 
-
-@dataclass(frozen=True)
-class GenerationKeys:
-    prefix: str
-
-    def result_bucket(self, generation: str, user_id: int) -> str:
-        return f"{self.prefix}:r:{generation}:{user_id >> BUCKET_BITS}"
-
-    @staticmethod
-    def result_field(user_id: int) -> int:
-        """The user's field in its bucket: the low bits of the id (the key holds the rest).
-
-        A small integer field keeps each listpack entry a few bytes shorter.
-        """
-        return user_id & ((1 << BUCKET_BITS) - 1)
-
-    def result_pattern(self, generation: str) -> str:
-        return f"{self.prefix}:r:{generation}:*"
-
-    @property
-    def history(self) -> str:
-        """Sorted set: active generation -> time it became current (newest = current)."""
-        return f"{self.prefix}:gen:history"
-
-
-def bucket_mappings(
-    keys: GenerationKeys, generation: str, user_ids: list[int], values: list[bytes]
-) -> dict[str, dict[int, bytes]]:
-    """Group packed results by result hash: ``{key: {field: value}}``, one HSET each."""
-    out: dict[str, dict[int, bytes]] = defaultdict(dict)
-    for uid, value in zip(user_ids, values, strict=True):
-        out[keys.result_bucket(generation, uid)][keys.result_field(uid)] = value
-    return out
-
-
-# Append users to an open batch: reserve job indices and count users, atomically.
-# KEYS: ledger. ARGV: jobs, users. Returns the first reserved job index, or -1 when the
-# batch is missing, -2 when it is sealed.
-APPEND_SCRIPT = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
-if redis.call('HGET', KEYS[1], 'sealed') == '1' then return -2 end
-local total = redis.call('HINCRBY', KEYS[1], 'jobs_total', ARGV[1])
-redis.call('HINCRBY', KEYS[1], 'users_total', ARGV[2])
-return total - tonumber(ARGV[1])
-"""
-
-# Seal a batch. KEYS: ledger. Returns -1 if missing, else 1 when every job has already
-# finished (the caller then finalizes), 0 otherwise.
-SEAL_SCRIPT = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
-redis.call('HSET', KEYS[1], 'sealed', '1')
-local total = tonumber(redis.call('HGET', KEYS[1], 'jobs_total') or '0')
-local done = tonumber(redis.call('HGET', KEYS[1], 'jobs_done') or '0')
-local dead = tonumber(redis.call('HGET', KEYS[1], 'jobs_dead') or '0')
-if done + dead >= total then return 1 end
-return 0
-"""
 
 # Make a generation current. KEYS: history. ARGV: generation, now.
 # Activating one that is already in the history is a rollback: every generation made
@@ -103,15 +36,14 @@ return removed
 """
 
 
-def check_gates(status: Mapping[str, Any], settings: Settings) -> str | None:
+def check_gates(status: LedgerStatus, settings: Settings) -> str | None:
     """Why a complete batch must not become current, or None when it may.
 
     Gates: every submitted user has a result or sits in a dead-lettered job, with the
     dead-lettered fraction at most ``gate_max_dead_fraction``; the cold-user fraction
     at most ``gate_max_cold_fraction``.
     """
-    users = int(status["users_total"])
-    done, dead = int(status["users_done"]), int(status["users_dead"])
+    users, done, dead = status.users_total, status.users_done, status.users_dead
     if users == 0:
         return "the batch has no users"
     if done + dead < users:
@@ -122,7 +54,7 @@ def check_gates(status: Mapping[str, Any], settings: Settings) -> str | None:
             f"{dead_fraction:.2%} of users are in dead-lettered jobs "
             f"(gate {settings.gate_max_dead_fraction:.2%})"
         )
-    cold_fraction = int(status["cold_users"]) / max(done, 1)
+    cold_fraction = status.cold_users / max(done, 1)
     if cold_fraction > settings.gate_max_cold_fraction:
         return f"{cold_fraction:.2%} of users are cold (gate {settings.gate_max_cold_fraction:.2%})"
     return None
@@ -148,22 +80,21 @@ def finalize_steps(batch_id: str, settings: Settings, keys: Keys) -> Steps:
     fields = yield ("HGETALL", ledger)
     if not fields:
         return f"no batch {batch_id}"
-    status = batch_status(batch_id, fields)
-    state = status.get("gen_state")
-    if state in (ACTIVE, RETIRED):
+    status = LedgerStatus.parse(batch_id, fields)
+    if status.gen_state in (GenState.ACTIVE, GenState.RETIRED):
         return None
-    if state == REJECTED:
-        return str(status.get("gen_reason"))
+    if status.gen_state == GenState.REJECTED:
+        return str(status.gen_reason)
     reason = check_gates(status, settings)
     if reason is not None:
-        yield ("HSET", ledger, "gen_state", REJECTED, "gen_reason", reason)
+        yield ("HSET", ledger, "gen_state", GenState.REJECTED.value, "gen_reason", reason)
         return reason
     now = now_s()
-    removed = yield ("EVAL", ACTIVATE_SCRIPT, 1, GenerationKeys(keys.prefix).history, batch_id, now)
-    yield ("HSET", ledger, "gen_state", ACTIVE, "activated_at", now)
+    removed = yield ("EVAL", ACTIVATE_SCRIPT, 1, keys.history, batch_id, now)
+    yield ("HSET", ledger, "gen_state", GenState.ACTIVE.value, "activated_at", now)
     for gen in removed or []:
         name = gen.decode() if isinstance(gen, bytes) else str(gen)
-        yield ("HSET", keys.batch(name), "gen_state", RETIRED)
+        yield ("HSET", keys.batch(name), "gen_state", GenState.RETIRED.value)
     return None
 
 
@@ -202,23 +133,24 @@ def activate(client: Any, keys: Keys, batch_id: str) -> list[str]:
     fields = client.hgetall(keys.batch(batch_id))
     if not fields:
         raise ValueError(f"no batch {batch_id}")
-    status = batch_status(batch_id, fields)
-    if status["users_done"] == 0:
+    if LedgerStatus.parse(batch_id, fields).users_done == 0:
         raise ValueError(f"batch {batch_id} has no results")
     now = now_s()
-    removed = client.eval(ACTIVATE_SCRIPT, 1, GenerationKeys(keys.prefix).history, batch_id, now)
+    removed = client.eval(ACTIVATE_SCRIPT, 1, keys.history, batch_id, now)
     names = [g.decode() if isinstance(g, bytes) else str(g) for g in removed]
     with client.pipeline(transaction=False) as pipe:
-        pipe.hset(keys.batch(batch_id), mapping={"gen_state": ACTIVE, "activated_at": now})
+        pipe.hset(
+            keys.batch(batch_id), mapping={"gen_state": GenState.ACTIVE.value, "activated_at": now}
+        )
         for name in names:
-            pipe.hset(keys.batch(name), "gen_state", RETIRED)
+            pipe.hset(keys.batch(name), "gen_state", GenState.RETIRED.value)
         pipe.execute()
     return names
 
 
 def history(client: Any, keys: Keys) -> list[tuple[str, float]]:
     """Active generations, current first, with the time each became current."""
-    rows = client.zrevrange(GenerationKeys(keys.prefix).history, 0, -1, withscores=True)
+    rows = client.zrevrange(keys.history, 0, -1, withscores=True)
     return [(name.decode(), float(score)) for name, score in rows]
 
 
@@ -239,7 +171,7 @@ def unlink_matching(client: Any, pattern: str, chunk: int = 500) -> int:
 
 def delete_results(client: Any, keys: Keys, generation: str) -> int:
     """Delete one generation's result hashes without blocking Redis. Returns keys removed."""
-    return unlink_matching(client, GenerationKeys(keys.prefix).result_pattern(generation))
+    return unlink_matching(client, keys.result_pattern(generation))
 
 
 def prune(client: Any, keys: Keys, keep: int) -> list[str]:
@@ -249,10 +181,9 @@ def prune(client: Any, keys: Keys, keep: int) -> list[str]:
     """
     if keep < 1:
         raise ValueError("keep at least the current generation")
-    gen_keys = GenerationKeys(keys.prefix)
-    old = [n.decode() for n in client.zrevrange(gen_keys.history, keep, -1)]
+    old = [n.decode() for n in client.zrevrange(keys.history, keep, -1)]
     for name in old:
-        client.zrem(gen_keys.history, name)
-        client.hset(keys.batch(name), "gen_state", RETIRED)
+        client.zrem(keys.history, name)
+        client.hset(keys.batch(name), "gen_state", GenState.RETIRED.value)
         delete_results(client, keys, name)
     return old

@@ -6,7 +6,15 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AmqpDsn, Field, PostgresDsn, RedisDsn, model_validator
+from pydantic import (
+    AmqpDsn,
+    Field,
+    PostgresDsn,
+    RedisDsn,
+    TypeAdapter,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -17,8 +25,11 @@ class Settings(BaseSettings):
 
     environment: Literal["development", "test", "production"] = "development"
 
-    amqp_url: AmqpDsn = AmqpDsn("amqp://guest:guest@127.0.0.1:5672/")
+    # One URL, or a comma-separated list of the nodes of a RabbitMQ cluster (see amqp_urls).
+    amqp_url: str = "amqp://guest:guest@127.0.0.1:5672/"
     redis_url: RedisDsn = RedisDsn("redis://127.0.0.1:6379/0")
+    # RECFLEET_REDIS_URL names any one node of a Redis Cluster (see shared.redis).
+    redis_cluster: bool = False
     database_url: PostgresDsn = PostgresDsn("postgresql://postgres@127.0.0.1:5432/postgres")
     artifacts: Path = Path("artifacts/demo")
 
@@ -34,6 +45,8 @@ class Settings(BaseSettings):
     max_users_sync: int = Field(default=100, ge=1, le=1000)
     delivery_limit: int = Field(default=5, ge=1, description="deliveries before dead-lettering")
     queue_max_length: int = Field(default=1_000_000, ge=1)
+    # Members of each quorum queue; None leaves it to the broker (every cluster node).
+    quorum_replicas: int | None = Field(default=None, ge=1, le=9)
 
     # Redis key prefix; every key recfleet writes starts with it.
     redis_prefix: str = Field(default="rf", pattern=r"^[A-Za-z0-9_.-]{1,32}$")
@@ -56,13 +69,35 @@ class Settings(BaseSettings):
     top_k: int = Field(default=10, ge=1, le=100)
     heartbeat_s: int = Field(default=30, ge=0)
     torch_threads: int = Field(default=1, ge=1)
+    # The shard of a sharded model this worker serves (recfleet worker --shard K).
+    shard: int | None = Field(default=None, ge=0)
     metrics_port: int = Field(default=9100, ge=0, le=65535)
+    # /healthz turns 503 while one job has run longer than this (a stuck compute lane).
+    job_stuck_after_s: float = Field(default=300.0, gt=0)
 
     api_host: str = "127.0.0.1"
     api_port: int = Field(default=8000, ge=1, le=65535)
 
     log_json: bool = False
     log_level: str = "INFO"
+
+    @property
+    def api_url(self) -> str:
+        """The gateway's base URL, as clients on this host reach it."""
+        return f"http://{self.api_host}:{self.api_port}"
+
+    @field_validator("amqp_url", mode="before")
+    @classmethod
+    def _check_amqp_urls(cls, value: object) -> str:
+        parts = [p.strip() for p in str(value).split(",") if p.strip()]
+        if not parts:
+            raise ValueError("RECFLEET_AMQP_URL names no broker")
+        return ",".join(str(_AMQP_DSN.validate_python(p)) for p in parts)
+
+    @property
+    def amqp_urls(self) -> list[str]:
+        """The broker URLs: one node, or every node of a cluster to fail over between."""
+        return self.amqp_url.split(",")
 
     def isolated(self, name: str, **overrides: object) -> Settings:
         """A copy whose queues, exchange and Redis prefix all carry ``name``, so that a
@@ -86,7 +121,8 @@ class Settings(BaseSettings):
         if self.environment != "production":
             return self
         problems = []
-        if self.amqp_url.username in (None, "guest") or self.amqp_url.password in (None, "guest"):
+        amqp = [_AMQP_DSN.validate_python(u) for u in self.amqp_urls]
+        if any(u.username in (None, "guest") or u.password in (None, "guest") for u in amqp):
             problems.append("RECFLEET_AMQP_URL uses the default guest/guest account")
         if not self.redis_url.password:
             problems.append("RECFLEET_REDIS_URL has no password")
@@ -95,6 +131,9 @@ class Settings(BaseSettings):
         if problems:
             raise ValueError("refusing to start in production: " + "; ".join(problems))
         return self
+
+
+_AMQP_DSN: TypeAdapter[AmqpDsn] = TypeAdapter(AmqpDsn)
 
 
 @lru_cache(maxsize=1)

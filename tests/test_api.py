@@ -12,10 +12,10 @@ import pytest
 import redis
 
 from recfleet.api.app import create_app
-from recfleet.shared.generations import GenerationKeys
+from recfleet.shared.codec import encode_results, model_tag
+from recfleet.shared.keys import Keys
 from recfleet.shared.messages import decode_job
 from recfleet.shared.settings import Settings
-from recfleet.shared.store import Keys, encode_results, model_tag
 from recfleet.shared.topology import HEADER_BATCH_ID, HEADER_USERS
 
 
@@ -117,7 +117,7 @@ async def test_reads_one_users_result(
     client: httpx.AsyncClient, settings: Settings, redis_client: redis.Redis
 ) -> None:
     keys = Keys(settings.redis_prefix)
-    gen_keys = GenerationKeys(settings.redis_prefix)
+    gen_keys = Keys(settings.redis_prefix)
     (raw,) = encode_results(
         np.array([[9, 8, 7]]), np.array([True]), 1_700_000_000, model_tag("bpr-x")
     )

@@ -13,8 +13,7 @@ from recfleet.cli.fleet import settings_env
 from recfleet.cli.main import cli
 from recfleet.shared.messages import make_jobs
 from recfleet.shared.settings import Settings, get_settings
-from recfleet.shared.topology import HEADER_BATCH_ID, HEADER_USERS
-from recfleet.worker.consumer import declare_topology
+from recfleet.shared.topology import HEADER_BATCH_ID, HEADER_USERS, declare_blocking, topology
 
 
 @pytest.fixture
@@ -27,7 +26,7 @@ def dead_jobs(
     get_settings.cache_clear()
     conn = pika.BlockingConnection(pika.URLParameters(str(settings.amqp_url)))
     channel = conn.channel()
-    declare_topology(channel, settings)
+    declare_blocking(channel, topology(settings))
     channel.confirm_delivery()
     for batch in ("batchA", "batchB"):
         for job in make_jobs(batch, list(range(20)), 10):

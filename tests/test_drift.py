@@ -15,7 +15,7 @@ from recfleet.shared.drift import (
     ordered_categories,
     shares,
 )
-from recfleet.shared.store import batch_status, popularity_args, popularity_counts
+from recfleet.shared.ledger import LedgerStatus, popularity_args, popularity_counts
 
 
 def test_cold_fraction() -> None:
@@ -99,5 +99,5 @@ def test_ledger_fields_round_trip_and_show_in_the_batch_status() -> None:
     assert args == ["rec_top10", 5, "rec_top1k", 7, "rec_tail", 1]  # zeros are not sent
     ledger = {b"jobs_total": b"1", b"rec_top10": b"5", b"rec_top1k": b"7", b"rec_tail": b"1"}
     assert popularity_counts(ledger) == {"top10": 5, "top1k": 7, "tail": 1}
-    doc = batch_status("b", ledger)
-    assert doc["recommended_by_popularity"] == {"top10": 5, "top1k": 7, "tail": 1}
+    status = LedgerStatus.parse("b", ledger)
+    assert status.recommended_by_popularity == {"top10": 5, "top1k": 7, "tail": 1}

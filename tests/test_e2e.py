@@ -12,9 +12,9 @@ import redis
 from recfleet.cli.client import submit, wait
 from recfleet.cli.fleet import LocalFleet
 from recfleet.shared.artifacts import load_artifacts
-from recfleet.shared.generations import GenerationKeys
+from recfleet.shared.codec import decode_result
+from recfleet.shared.keys import Keys
 from recfleet.shared.settings import Settings
-from recfleet.shared.store import decode_result
 from recfleet.worker.ranking import Ranker
 
 pytestmark = pytest.mark.e2e
@@ -40,7 +40,7 @@ def test_5000_users_over_http_each_result_equals_direct_ranking(
     direct = Ranker.from_artifacts(art, k=fleet_settings.top_k).rank(
         art.user_rows(np.array(user_ids))
     )
-    keys = GenerationKeys(fleet_settings.redis_prefix)
+    keys = Keys(fleet_settings.redis_prefix)
     client = redis.Redis.from_url(str(fleet_settings.redis_url))
     with client.pipeline(transaction=False) as pipe:
         for uid in user_ids:

@@ -26,10 +26,10 @@ from pydantic import PostgresDsn
 from recfleet.api.app import create_app
 from recfleet.cli.fleet import LocalFleet
 from recfleet.cli.main import cli
-from recfleet.shared.generations import GenerationKeys, bucket_mappings
+from recfleet.shared.codec import encode_results, model_tag
+from recfleet.shared.keys import Keys, bucket_mappings
 from recfleet.shared.migrate import MIGRATIONS_DIR, MigrationError, upgrade
 from recfleet.shared.settings import Settings
-from recfleet.shared.store import Keys, encode_results, model_tag
 from tests.conftest import database_url_for, free_port
 
 GENERATED_AT = 1_750_000_000
@@ -84,7 +84,7 @@ def store_result(
 ) -> None:
     """Write one user's result into the current generation, the way the workers do."""
     keys = Keys(settings.redis_prefix)
-    gen_keys = GenerationKeys(settings.redis_prefix)
+    gen_keys = Keys(settings.redis_prefix)
     (raw,) = encode_results(
         np.array([playlists]), np.array([cold]), GENERATED_AT, model_tag(version)
     )
@@ -320,7 +320,7 @@ async def test_ctr_gauge_cli_and_export(
     assert (await client.post("/api/feedback", json=like_body(shown[1], 12))).status_code == 201
     assert (await client.post("/api/feedback", json=like_body(shown[3], 21))).status_code == 201
 
-    await app.state.clients.db.refresh_ctr()
+    await app.state.db.refresh_ctr()
     metrics = (await client.get("/metrics")).text
     assert 'recfleet_feedback_ctr{model_version="bpr-a"} 0.5' in metrics
     assert 'recfleet_feedback_ctr{model_version="popular"} 0.5' in metrics

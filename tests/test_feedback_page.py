@@ -196,7 +196,7 @@ def gateway(settings: Settings, log: Path) -> Iterator[str]:
             stdout=out,
             stderr=subprocess.STDOUT,
         )
-    url = f"http://{settings.api_host}:{settings.api_port}"
+    url = settings.api_url
     try:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:

@@ -7,16 +7,16 @@ import pytest
 from redis.crc import key_slot
 
 from recfleet.shared.generations import (
-    GenerationKeys,
     activate,
     finalize_steps,
     history,
     prune,
     run_steps,
 )
+from recfleet.shared.keys import Keys
+from recfleet.shared.ledger import new_batch_fields
 from recfleet.shared.messages import make_jobs
 from recfleet.shared.settings import Settings
-from recfleet.shared.store import Keys, new_batch_fields
 from recfleet.worker.handler import JobHandler
 
 
@@ -91,7 +91,7 @@ async def test_rollback_and_prune(
     assert handler.redis.hget(keys.batch("g3"), "gen_state") == b"retired"
 
     assert prune(handler.redis, keys, keep=1) == ["g1"]
-    gen_keys = GenerationKeys(fleet_settings.redis_prefix)
+    gen_keys = Keys(fleet_settings.redis_prefix)
     assert list(handler.redis.scan_iter(match=gen_keys.result_pattern("g1"))) == []
     assert list(handler.redis.scan_iter(match=gen_keys.result_pattern("g2")))
     assert (await fleet_api.get("/api/playlist/7")).json()["generation"] == "g2"
@@ -144,7 +144,7 @@ def test_multi_key_operations_stay_in_one_cluster_slot() -> None:
             for k in (keys.batch(batch), keys.batch_done(batch), keys.batch_dead(batch))
         }
         assert len(slots) == 1
-    gen = GenerationKeys("rf")
+    gen = Keys("rf")
     result_slots = {
         key_slot(gen.result_bucket("g", uid).encode()) for uid in range(0, 128 * 500, 128)
     }

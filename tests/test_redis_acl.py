@@ -23,7 +23,7 @@ from pydantic import RedisDsn
 from recfleet.api.app import create_app
 from recfleet.shared.messages import Job, decode_job
 from recfleet.shared.settings import Settings
-from recfleet.shared.topology import queue_names
+from recfleet.shared.topology import delete_blocking, topology
 from recfleet.worker.handler import JobHandler
 from recfleet.worker.models import ModelStore
 from tests.conftest import make_settings
@@ -88,9 +88,7 @@ def acl_settings(
     yield s
     conn = pika.BlockingConnection(pika.URLParameters(str(s.amqp_url)))
     channel = conn.channel()
-    for queue in queue_names(s):
-        channel.queue_delete(queue)
-    channel.exchange_delete(s.dead_letter_exchange)
+    delete_blocking(channel, topology(s))
     conn.close()
 
 

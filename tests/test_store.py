@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from recfleet.shared.generations import GenerationKeys
-from recfleet.shared.store import Keys, batch_status, decode_result, encode_results, model_tag
+from recfleet.shared.codec import decode_result, encode_results, model_tag
+from recfleet.shared.keys import Keys
+from recfleet.shared.ledger import BatchState, LedgerStatus
 
 
 def test_results_round_trip_with_padding_and_cold_flag() -> None:
@@ -33,16 +34,17 @@ def test_encoding_is_deterministic() -> None:
 def test_keys_keep_a_batch_in_one_slot_and_spread_results() -> None:
     keys = Keys("rf")
     assert keys.batch("abc").endswith("{abc}") and "{abc}" in keys.batch_done("abc")
-    gen = GenerationKeys("rf")
+    gen = keys
     assert gen.result_bucket("g", 0) == gen.result_bucket("g", 127) != gen.result_bucket("g", 128)
     assert gen.result_field(127) == 127 and gen.result_field(128) == 0
 
 
 def test_batch_state_machine() -> None:
     base = {"jobs_total": 4, "users_total": 4000, "created_at": "100.0"}
-    assert batch_status("b", base)["state"] == "queued"
+    assert LedgerStatus.parse("b", base).state == BatchState.QUEUED
     running = {**base, "jobs_done": 1, "users_done": 1000, "last_done_at": "102.0"}
-    doc = batch_status("b", running)
-    assert doc["state"] == "running" and doc["users_per_s"] == 500.0 and doc["eta_s"] == 6.0
-    assert batch_status("b", {**base, "jobs_done": 4})["state"] == "done"
-    assert batch_status("b", {**base, "jobs_done": 3, "jobs_dead": 1})["state"] == "failed"
+    status = LedgerStatus.parse("b", running)
+    assert status.state == BatchState.RUNNING and status.users_per_s == 500.0
+    assert status.eta_s == 6.0 and status.document()["state"] == "running"
+    assert LedgerStatus.parse("b", {**base, "jobs_done": 4}).state == BatchState.DONE
+    assert LedgerStatus.parse("b", {**base, "jobs_done": 3, "jobs_dead": 1}).state == "failed"

@@ -12,10 +12,12 @@ import redis
 
 from recfleet.api.app import create_app
 from recfleet.shared.artifacts import CURRENT, load_artifacts
+from recfleet.shared.keys import Keys
+from recfleet.shared.ledger import new_batch_fields
 from recfleet.shared.messages import make_jobs
 from recfleet.shared.settings import Settings
-from recfleet.shared.store import Keys, new_batch_fields
-from recfleet.worker.consumer import Consumer, declare_topology
+from recfleet.shared.topology import declare_blocking, topology
+from recfleet.worker.consumer import Consumer
 from recfleet.worker.handler import JobHandler
 from recfleet.worker.models import ModelStore
 from recfleet.worker.ranking import Ranker
@@ -47,7 +49,7 @@ async def test_sync_requests_go_ahead_of_queued_batch_jobs(
     client.hset(keys.batch("backlog"), mapping=new_batch_fields(len(jobs), 60000))  # type: ignore[arg-type]
     conn = pika.BlockingConnection(pika.URLParameters(str(fleet_settings.amqp_url)))
     channel = conn.channel()
-    declare_topology(channel, fleet_settings)
+    declare_blocking(channel, topology(fleet_settings))
     channel.confirm_delivery()
     for job in jobs:
         channel.basic_publish("", fleet_settings.jobs_queue, job.encode())

@@ -9,12 +9,13 @@ import pika
 import redis
 
 from recfleet.shared.artifacts import load_artifacts
-from recfleet.shared.generations import GenerationKeys
+from recfleet.shared.codec import decode_result
+from recfleet.shared.keys import Keys
+from recfleet.shared.ledger import new_batch_fields
 from recfleet.shared.messages import make_jobs
 from recfleet.shared.settings import Settings
-from recfleet.shared.store import Keys, decode_result, new_batch_fields
-from recfleet.shared.topology import HEADER_BATCH_ID, HEADER_USERS
-from recfleet.worker.consumer import Consumer, declare_topology
+from recfleet.shared.topology import HEADER_BATCH_ID, HEADER_USERS, declare_blocking, topology
+from recfleet.worker.consumer import Consumer
 from recfleet.worker.handler import JobHandler
 from recfleet.worker.ranking import Ranker
 
@@ -41,7 +42,7 @@ def test_results_equal_direct_ranking_and_cold_users_get_the_fallback(
     assert summary.model_version == art.model_version
 
     direct = Ranker.from_artifacts(art, k=fleet_settings.top_k).rank(art.user_rows(np.array(users)))
-    keys = GenerationKeys(fleet_settings.redis_prefix)
+    keys = Keys(fleet_settings.redis_prefix)
     for i, uid in enumerate(users):
         raw = handler.redis.hget(keys.result_bucket("b1", uid), keys.result_field(uid))
         assert raw is not None
@@ -86,7 +87,7 @@ def test_consumer_ranks_jobs_and_dead_letters_bad_messages(
     handler.redis.hset(keys.batch("b3"), mapping=new_batch_fields(len(jobs) + 1, 2100))
     conn = pika.BlockingConnection(pika.URLParameters(str(fleet_settings.amqp_url)))
     channel = conn.channel()
-    declare_topology(channel, fleet_settings)
+    declare_blocking(channel, topology(fleet_settings))
     channel.confirm_delivery()
     for job in jobs:
         channel.basic_publish("", fleet_settings.jobs_queue, job.encode())

@@ -5,6 +5,8 @@ one compute thread and their acks come back through ``add_callback_threadsafe``.
 Retries live here and only here:
 
 - undecodable or invalid job -> rejected without requeue, so the broker dead-letters it;
+- any other exception while handling one job (a bug, a value the encoder refuses) ->
+  dead-lettered the same way, so no delivery is ever left unacked;
 - Redis unavailable (TransientError) -> retried in place with backoff, holding the
   message, so a short outage does not burn the queue's delivery limit;
 - a job that crashes the process -> redelivered by the broker until its delivery
@@ -35,10 +37,10 @@ from recfleet.shared.settings import Settings
 from recfleet.shared.topology import (
     HEADER_BATCH_ID,
     HEADER_USERS,
-    dead_events_queue_arguments,
-    dead_letter_queue_arguments,
-    jobs_queue_arguments,
-    sync_queue_arguments,
+    declare_blocking,
+    jobs_queue,
+    sync_queue,
+    topology,
 )
 from recfleet.worker import metrics
 from recfleet.worker.handler import JobHandler
@@ -69,6 +71,7 @@ class Consumer:
         self._last_tick = 0.0
         self._last_retry = time.monotonic()
         self._consuming = False
+        self._jobs_queue = settings.jobs_queue
 
     # -- public -----------------------------------------------------------------
     def stop(self) -> None:
@@ -77,8 +80,14 @@ class Consumer:
 
     @property
     def healthy(self) -> bool:
-        """Connected, consuming, and the I/O loop turned within the last 10 s."""
-        return self._consuming and time.monotonic() - self._last_tick < 10
+        """Connected, consuming, the I/O loop turned within the last 10 s, and the compute
+        lane is not stuck (no job running longer than ``job_stuck_after_s``)."""
+        return self._consuming and time.monotonic() - self._last_tick < 10 and not self.stuck
+
+    @property
+    def stuck(self) -> bool:
+        """The compute lane has run one task for longer than ``job_stuck_after_s``."""
+        return self._lane.busy_for > self.settings.job_stuck_after_s
 
     @property
     def alive(self) -> bool:
@@ -107,24 +116,29 @@ class Consumer:
         log.info("consumer stopped")
 
     # -- connection ---------------------------------------------------------------
+    def _layout(self) -> tuple[int, int]:
+        """This worker's shard and the model's shard count (0 of 1 when unsharded)."""
+        model = self.handler.models.current()
+        return self.handler.models.shard or 0, model.shards
+
     def _consume_once(self) -> None:
         s = self.settings
-        params = pika.URLParameters(str(s.amqp_url))
-        params.heartbeat = s.heartbeat_s
-        params.blocked_connection_timeout = 60
-        connection = pika.BlockingConnection(params)
+        # pika tries the nodes in turn; a cluster node that went away is skipped.
+        connection = pika.BlockingConnection(broker_parameters(s))
         self._connection = connection
         try:
             channel = connection.channel()
-            declare_topology(channel, s)
+            shard, shards = self._layout()
+            declare_blocking(channel, topology(s, shards, only_shard=shard))
+            self._jobs_queue = jobs_queue(s, shard, shards)
             channel.basic_qos(prefetch_count=s.prefetch)
             tags = [
-                channel.basic_consume(s.jobs_queue, self._on_message),
-                channel.basic_consume(s.sync_queue, self._on_sync),
+                channel.basic_consume(self._jobs_queue, self._on_message),
+                channel.basic_consume(sync_queue(s, shard, shards), self._on_sync),
                 channel.basic_consume(s.dead_events_queue, self._on_dead_event),
             ]
             self._consuming = True
-            log.info("consuming %s (prefetch %d)", s.jobs_queue, s.prefetch)
+            log.info("consuming %s (prefetch %d)", self._jobs_queue, s.prefetch)
             next_sample = 0.0
             while not self._stopping.is_set():
                 connection.process_data_events(time_limit=0.5)
@@ -148,7 +162,7 @@ class Consumer:
         connection.process_data_events(time_limit=0)
 
     def _sample_queues(self, connection: pika.BlockingConnection) -> None:
-        for queue in (self.settings.jobs_queue, self.settings.dead_letter_queue):
+        for queue in (self._jobs_queue, self.settings.dead_letter_queue):
             try:
                 probe = connection.channel()
                 ok = probe.queue_declare(queue, passive=True)
@@ -228,6 +242,10 @@ class Consumer:
             log.warning("sync request %s failed: %s", props.correlation_id, exc)
             self._reply(channel.basic_reject, tag, requeue=False)
             return
+        except Exception:  # never leave a delivery unsettled; the caller gets a 504
+            log.exception("sync request %s failed", props.correlation_id)
+            self._reply(channel.basic_reject, tag, requeue=False)
+            return
         if props.reply_to:
             self._publish_reply(channel, props, answer)
         metrics.JOBS.labels("sync").inc()
@@ -281,6 +299,10 @@ class Consumer:
             metrics.JOBS.labels("requeued").inc()
             self._reply(channel.basic_nack, tag, requeue=True)
             return
+        except Exception as exc:  # any other failure of this one job: dead-letter it
+            log.exception("job failed", extra=extra)
+            self._dead_letter(channel, tag, props, f"{type(exc).__name__}: {exc}", "failed")
+            return
         metrics.JOBS.labels("done").inc()
         metrics.JOB_DURATION.observe(time.perf_counter() - start)
         log.debug("job done: %d users, %d cold", summary.users, summary.cold, extra=extra)
@@ -302,12 +324,17 @@ class Consumer:
         return retrying(fn)
 
     def _dead_letter(
-        self, channel: BlockingChannel, tag: int, props: BasicProperties, reason: str
+        self,
+        channel: BlockingChannel,
+        tag: int,
+        props: BasicProperties,
+        reason: str,
+        kind: str = "undecodable",
     ) -> None:
         log.error(
             "dead-lettering message %s: %s", props.message_id, reason[:500], extra=_ids(props)
         )
-        metrics.DEAD_LETTERED.labels("undecodable").inc()
+        metrics.DEAD_LETTERED.labels(kind).inc()
         metrics.JOBS.labels("dead").inc()
         # The broker's copy on the dead-events queue counts it in its batch ledger.
         self._reply(channel.basic_reject, tag, requeue=False)
@@ -369,20 +396,14 @@ def _ids(props: BasicProperties) -> dict[str, str | None]:
     }
 
 
-def declare_topology(channel: BlockingChannel, settings: Settings) -> None:
-    """Declare the queues and the dead-letter exchange, as the gateway does."""
-    channel.exchange_declare(settings.dead_letter_exchange, "direct", durable=True)
-    for name, arguments in (
-        (settings.dead_letter_queue, dead_letter_queue_arguments(settings)),
-        (settings.dead_events_queue, dead_events_queue_arguments(settings)),
-    ):
-        channel.queue_declare(name, durable=True, arguments=arguments)
-        channel.queue_bind(
-            name, settings.dead_letter_exchange, routing_key=settings.dead_letter_queue
-        )
-    channel.queue_declare(
-        settings.jobs_queue, durable=True, arguments=jobs_queue_arguments(settings)
-    )
-    channel.queue_declare(
-        settings.sync_queue, durable=True, arguments=sync_queue_arguments(settings)
-    )
+def broker_parameters(settings: Settings) -> list[pika.ConnectionParameters]:
+    """Connection parameters of every broker node, for pika to try in turn."""
+    params = []
+    for url in settings.amqp_urls:
+        p = pika.URLParameters(url)
+        p.heartbeat = settings.heartbeat_s
+        p.blocked_connection_timeout = 60
+        p.connection_attempts = 1
+        p.socket_timeout = 5
+        params.append(p)
+    return params

@@ -12,35 +12,26 @@ from dataclasses import dataclass
 import numpy as np
 import redis
 
+from recfleet.shared.codec import encode_results
 from recfleet.shared.drift import POPULARITY_LABELS
 from recfleet.shared.errors import TransientError
-from recfleet.shared.generations import GenerationKeys, bucket_mappings, finalize_steps, run_steps
+from recfleet.shared.generations import finalize_steps, run_steps
+from recfleet.shared.keys import Keys, bucket_mappings
+from recfleet.shared.ledger import (
+    COMPLETED,
+    PIN_SCRIPT,
+    PROGRESS_SCRIPT,
+    REVIVE_SCRIPT,
+    popularity_args,
+)
 from recfleet.shared.messages import Job
 from recfleet.shared.settings import Settings
-from recfleet.shared.store import COMPLETED, PROGRESS_SCRIPT, Keys, encode_results, popularity_args
 from recfleet.worker import metrics
 from recfleet.worker.models import Model, ModelStore
 
 log = logging.getLogger(__name__)
 
-# Pins the batch's model version on first use; returns the pinned one (nil: no ledger).
-PIN_SCRIPT = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return false end
-redis.call('HSETNX', KEYS[1], 'model_version', ARGV[1])
-return redis.call('HGET', KEYS[1], 'model_version')
-"""
 MAX_PINS = 4096
-# A job counted dead that finishes after all (replayed from the dead-letter queue, or
-# finished by a worker that lost its connection while the broker dead-lettered it) is
-# no longer dead: uncount it, so the ledger counts every job once, done or dead.
-# KEYS: ledger, dead set, dead users. ARGV: job id, users.
-REVIVE_SCRIPT = """
-if redis.call('SREM', KEYS[2], ARGV[1]) == 0 then return 0 end
-redis.call('HDEL', KEYS[3], ARGV[1])
-redis.call('HINCRBY', KEYS[1], 'jobs_dead', -1)
-redis.call('HINCRBY', KEYS[1], 'users_dead', -tonumber(ARGV[2]))
-return 1
-"""
 
 
 @dataclass(frozen=True)
@@ -61,7 +52,6 @@ class JobHandler:
         self.models = models
         self.redis = client
         self.keys = Keys(settings.redis_prefix)
-        self.gen_keys = GenerationKeys(settings.redis_prefix)
         self._progress = client.register_script(PROGRESS_SCRIPT)
         self._pin = client.register_script(PIN_SCRIPT)
         self._revive = client.register_script(REVIVE_SCRIPT)
@@ -147,7 +137,7 @@ class JobHandler:
     ) -> int:
         """One pipelined round trip; returns the progress script's answer."""
         generation = job.generation or job.batch_id
-        by_bucket = bucket_mappings(self.gen_keys, generation, user_ids.tolist(), values)
+        by_bucket = bucket_mappings(self.keys, generation, user_ids.tolist(), values)
         try:
             with self.redis.pipeline(transaction=False) as pipe:
                 for key, mapping in by_bucket.items():

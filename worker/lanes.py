@@ -6,6 +6,7 @@ import itertools
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
 
 log = logging.getLogger(__name__)
@@ -24,6 +25,7 @@ class PriorityLane:
             queue.PriorityQueue()
         )
         self._seq = itertools.count()
+        self._started: float | None = None  # monotonic start of the task running now
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
@@ -34,6 +36,12 @@ class PriorityLane:
     def idle(self) -> bool:
         """Nothing queued and nothing running."""
         return self._queue.unfinished_tasks == 0
+
+    @property
+    def busy_for(self) -> float:
+        """Seconds the task running now has been running (0 when none is)."""
+        started = self._started
+        return 0.0 if started is None else time.monotonic() - started
 
     def shutdown(self) -> None:
         """Finish what was submitted, then stop the thread."""
@@ -46,8 +54,10 @@ class PriorityLane:
             try:
                 if fn is None:
                     return
+                self._started = time.monotonic()
                 fn()
             except Exception:  # a task's failure must not kill the lane
                 log.exception("task failed")
             finally:
+                self._started = None
                 self._queue.task_done()

@@ -28,7 +28,7 @@ def run_worker(settings: Settings, index: int = 0) -> None:
     Raises ArtifactError when the artifacts are missing or corrupt.
     """
     torch.set_num_threads(settings.torch_threads)
-    models = ModelStore(settings.artifacts, k=settings.top_k)
+    models = ModelStore(settings.artifacts, k=settings.top_k, shard=settings.shard)
     model = models.current()
     client = redis.Redis.from_url(str(settings.redis_url), socket_timeout=10)
     handler = JobHandler(settings, models, client)
@@ -41,7 +41,13 @@ def run_worker(settings: Settings, index: int = 0) -> None:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     port = settings.metrics_port + index if settings.metrics_port else 0
-    server = serve("0.0.0.0", port, lambda: consumer.healthy, lambda: consumer.alive)
+    server = serve(
+        "0.0.0.0",
+        port,
+        lambda: consumer.healthy,
+        lambda: consumer.alive,
+        lambda: consumer.stuck,
+    )
     log.info(
         "worker %d: model %s, %d users, metrics on :%d",
         index,

@@ -39,5 +39,6 @@ QUEUE_CONSUMERS = Gauge(names.QUEUE_CONSUMERS, "Consumers of a queue", ["queue"]
 for _outcome in ("done", "dead", "requeued"):
     JOBS.labels(_outcome)
 DEAD_LETTERED.labels("undecodable")
+DEAD_LETTERED.labels("failed")
 for _bucket in POPULARITY_LABELS:
     RECOMMENDED.labels(_bucket)

@@ -17,16 +17,11 @@ from pathlib import Path
 
 import numpy as np
 
-from recfleet.shared.artifacts import (
-    MANIFEST,
-    Artifacts,
-    current_dir,
-    load_artifacts,
-    read_manifest,
-)
+from recfleet.shared.artifacts import MANIFEST, SHARD_MAP, Artifacts, current_dir
+from recfleet.shared.codec import model_tag
 from recfleet.shared.drift import POPULARITY_EDGES
 from recfleet.shared.errors import ArtifactError, TransientError
-from recfleet.shared.store import model_tag
+from recfleet.shared.shards import load_model, read_shard_map
 from recfleet.worker import metrics
 from recfleet.worker.ranking import Ranker
 
@@ -41,6 +36,11 @@ class Model:
     tag: int
     popularity_bucket: np.ndarray
 
+    @property
+    def shards(self) -> int:
+        """How many shards the model is split into (1: unsharded)."""
+        return int(self.artifacts.manifest.get("shards", 1))
+
 
 def popularity_buckets(popularity: np.ndarray) -> np.ndarray:
     """Bucket index of each playlist row by its popularity rank (see shared.drift)."""
@@ -53,8 +53,18 @@ def popularity_buckets(popularity: np.ndarray) -> np.ndarray:
 class ModelStore:
     """Loads models on demand, keeps the ``keep`` most recently used, follows ``CURRENT``."""
 
-    def __init__(self, root: Path, k: int, *, keep: int = 2, check_every_s: float = 1.0) -> None:
+    def __init__(
+        self,
+        root: Path,
+        k: int,
+        *,
+        keep: int = 2,
+        check_every_s: float = 1.0,
+        shard: int | None = None,
+    ) -> None:
         self.root = Path(root)
+        # Which shard of a sharded model this worker serves (None: an unsharded model).
+        self.shard = shard
         self.k = k
         self.keep = keep
         self.check_every_s = check_every_s
@@ -95,19 +105,19 @@ class ModelStore:
             return model
         for directory in self._candidates():
             try:
-                if read_manifest(directory).get("model_version") == version:
+                if read_shard_map(directory).model_version == version:
                     return self._load(directory)
             except ArtifactError:
                 continue
         raise TransientError(f"model {version} is not available under {self.root}")
 
     def _candidates(self) -> list[Path]:
-        if (self.root / MANIFEST).is_file():
+        if (self.root / MANIFEST).is_file() or (self.root / SHARD_MAP).is_file():
             return [self.root]
         return sorted(p for p in self.root.iterdir() if p.is_dir())
 
     def _load(self, directory: Path) -> Model:
-        artifacts = load_artifacts(directory)
+        artifacts = load_model(directory, self.shard)
         version = artifacts.model_version
         if version in self._models:
             return self._models[version]

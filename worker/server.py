@@ -10,12 +10,17 @@ from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
 
 def serve(
-    host: str, port: int, healthy: Callable[[], bool], alive: Callable[[], bool] = lambda: True
+    host: str,
+    port: int,
+    healthy: Callable[[], bool],
+    alive: Callable[[], bool] = lambda: True,
+    stuck: Callable[[], bool] = lambda: False,
 ) -> ThreadingHTTPServer:
     """Start serving on a daemon thread and return the server (``port`` 0 picks a free one).
 
-    ``/healthz`` (readiness) is 200 while consuming; ``/livez`` (liveness) while the
-    consumer's loop turns, which includes waiting out a broker outage.
+    ``/healthz`` (readiness) is 200 while consuming and 503 while not, or while the compute
+    lane is stuck on one job; ``/livez`` (liveness) while the consumer's loop turns, which
+    includes waiting out a broker outage.
     """
 
     class Handler(BaseHTTPRequestHandler):
@@ -24,7 +29,8 @@ def serve(
                 self._send(200, generate_latest(REGISTRY), CONTENT_TYPE_LATEST)
             elif self.path == "/healthz":
                 ok = healthy()
-                self._send(200 if ok else 503, b"consuming\n" if ok else b"not consuming\n")
+                why = b"compute lane stuck\n" if stuck() else b"not consuming\n"
+                self._send(200 if ok else 503, b"consuming\n" if ok else why)
             elif self.path == "/livez":
                 ok = alive()
                 self._send(200 if ok else 503, b"alive\n" if ok else b"stuck\n")

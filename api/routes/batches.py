@@ -9,26 +9,29 @@ from typing import Annotated
 import numpy as np
 import orjson
 from fastapi import APIRouter, Header, HTTPException, Path, Query, status
+from redis.asyncio import Redis
 
 from recfleet.api import metrics
-from recfleet.api.broker import PublishFailed
-from recfleet.api.deps import Clients, ClientsDep
-from recfleet.api.idempotency import KEY_PATTERN, IdempotencyConflict, IdempotencyStore, digest
+from recfleet.api.broker import Publisher, PublishFailed
+from recfleet.api.deps import KeysDep, PublisherDep, RedisDep, ResultsDep, SettingsDep
+from recfleet.api.idempotency import KEY_PATTERN, IdempotencyStore, digest
 from recfleet.api.schemas import BatchAccepted, BatchOpened, BatchRequest, BatchStatus, Problem
-from recfleet.shared.generations import (
+from recfleet.shared.generations import finalize_steps, run_steps_async
+from recfleet.shared.keys import Keys
+from recfleet.shared.ledger import (
+    APPEND_MISSING,
     APPEND_SCRIPT,
-    PENDING,
-    REJECTED,
+    APPEND_SEALED,
     SEAL_SCRIPT,
-    finalize_steps,
-    run_steps_async,
+    GenState,
+    LedgerStatus,
+    new_batch_fields,
 )
 from recfleet.shared.messages import ID_PATTERN, Job, make_jobs, new_id
-from recfleet.shared.store import batch_status, new_batch_fields
+from recfleet.shared.settings import Settings
 
 log = logging.getLogger(__name__)
 router = APIRouter(tags=["batches"])
-RETRY_AFTER_S = "5"
 BatchId = Annotated[str, Path(pattern=ID_PATTERN)]
 MAX_FAILED_USERS = 100_000
 
@@ -51,7 +54,10 @@ def unique_in_order(user_ids: list[int]) -> list[int]:
 )
 async def submit_batch(
     body: BatchRequest,
-    clients: ClientsDep,
+    s: SettingsDep,
+    redis: RedisDep,
+    keys: KeysDep,
+    publisher: PublisherDep,
     idempotency_key: Annotated[
         str | None,
         Header(
@@ -65,24 +71,20 @@ async def submit_batch(
 
     Without ``batch_id`` the request is a whole batch; with it, the users join that open
     batch (``POST /api/batches``), which becomes a generation once sealed and complete."""
-    s = clients.settings
     if len(body.user_ids) > s.max_users_per_request:
         raise HTTPException(
             status.HTTP_413_CONTENT_TOO_LARGE,
             f"{len(body.user_ids)} user ids; at most {s.max_users_per_request} per request",
         )
     if idempotency_key is None:
-        return await _queue(body, clients)
-    store = IdempotencyStore(clients.redis, s.redis_prefix, s.idempotency_window_s)
+        return await _queue(body, s, redis, keys, publisher)
+    store = IdempotencyStore(redis, s.redis_prefix, s.idempotency_window_s)
     body_digest = digest(orjson.dumps([body.batch_id, body.user_ids]))
-    try:
-        earlier = await store.begin(idempotency_key, body_digest)
-    except IdempotencyConflict as exc:
-        raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from exc
+    earlier = await store.begin(idempotency_key, body_digest)
     if earlier is not None:
         return BatchAccepted(**earlier)
     try:
-        accepted = await _queue(body, clients)
+        accepted = await _queue(body, s, redis, keys, publisher)
     except BaseException:
         await store.abandon(idempotency_key)
         raise
@@ -101,37 +103,39 @@ router.add_api_route(
 )
 
 
-async def _queue(body: BatchRequest, clients: Clients) -> BatchAccepted:
-    s = clients.settings
+async def _queue(
+    body: BatchRequest, s: Settings, redis: Redis, keys: Keys, publisher: Publisher
+) -> BatchAccepted:
+    """Record the jobs in the batch ledger and publish them.
+
+    Raises HTTPException 404/409 for an unknown or sealed batch, PublishFailed (503)
+    when the broker did not confirm every job.
+    """
     user_ids = unique_in_order(body.user_ids)
     n_jobs = -(-len(user_ids) // s.job_size)
     if body.batch_id is None:
         batch_id, first = new_id(), 0
-        ledger = clients.keys.batch(batch_id)
+        ledger = keys.batch(batch_id)
         # The ledger exists before the first job can finish, so no progress is lost.
-        async with clients.redis.pipeline(transaction=True) as pipe:
+        async with redis.pipeline(transaction=True) as pipe:
             pipe.hset(ledger, mapping=new_batch_fields(n_jobs, len(user_ids)))  # type: ignore[arg-type]
             pipe.expire(ledger, s.batch_ttl_s)
             await pipe.execute()
     else:
         batch_id = body.batch_id
-        ledger = clients.keys.batch(batch_id)
-        first = int(await clients.redis.eval(APPEND_SCRIPT, 1, ledger, n_jobs, len(user_ids)))
-        if first == -1:
+        ledger = keys.batch(batch_id)
+        first = int(await redis.eval(APPEND_SCRIPT, 1, ledger, n_jobs, len(user_ids)))
+        if first == APPEND_MISSING:
             raise HTTPException(status.HTTP_404_NOT_FOUND, f"no batch {batch_id}")
-        if first == -2:
+        if first == APPEND_SEALED:
             raise HTTPException(status.HTTP_409_CONFLICT, f"batch {batch_id} is sealed")
     jobs = make_jobs(batch_id, user_ids, s.job_size, first_index=first)
     try:
-        await clients.publisher.publish_jobs(jobs)
+        await publisher.publish_jobs(jobs)
     except PublishFailed as exc:
-        await _undo(clients, ledger, exc.failed, exc.reason, whole_batch=body.batch_id is None)
+        await _undo(redis, ledger, exc.failed, exc.reason, whole_batch=body.batch_id is None)
         metrics.PUBLISH_FAILURES.labels(exc.reason).inc()
-        raise HTTPException(
-            status.HTTP_503_SERVICE_UNAVAILABLE,
-            f"not accepted: {exc.reason}; retry later",
-            headers={"Retry-After": RETRY_AFTER_S},
-        ) from exc
+        raise
     metrics.JOBS_PUBLISHED.inc(len(jobs))
     metrics.USERS_PUBLISHED.inc(len(user_ids))
     metrics.BATCHES_ACCEPTED.inc()
@@ -144,30 +148,33 @@ async def _queue(body: BatchRequest, clients: Clients) -> BatchAccepted:
 
 
 async def _undo(
-    clients: Clients, ledger: str, failed: list[Job], reason: str, *, whole_batch: bool
+    redis: Redis, ledger: str, failed: list[Job], reason: str, *, whole_batch: bool
 ) -> None:
     """Take jobs the broker did not confirm out of the ledger's totals.
 
     Confirmed jobs still run. A whole batch that failed can never be complete, so it is
     rejected as a generation; the client resubmits it.
     """
-    async with clients.redis.pipeline(transaction=True) as pipe:
+    async with redis.pipeline(transaction=True) as pipe:
         pipe.hincrby(ledger, "jobs_total", -len(failed))
         pipe.hincrby(ledger, "users_total", -sum(len(j.user_ids) for j in failed))
         pipe.hset(ledger, "publish_failed", reason)
         if whole_batch:
-            pipe.hset(ledger, mapping={"gen_state": REJECTED, "gen_reason": f"publish: {reason}"})
+            pipe.hset(
+                ledger,
+                mapping={"gen_state": GenState.REJECTED.value, "gen_reason": f"publish: {reason}"},
+            )
         await pipe.execute()
 
 
 @router.post("/api/batches", status_code=status.HTTP_201_CREATED, response_model=BatchOpened)
-async def open_batch(clients: ClientsDep) -> BatchOpened:
+async def open_batch(s: SettingsDep, redis: RedisDep, keys: KeysDep) -> BatchOpened:
     """Open a batch that several requests append users to; seal it when all are in."""
     batch_id = new_id()
-    ledger = clients.keys.batch(batch_id)
-    async with clients.redis.pipeline(transaction=True) as pipe:
+    ledger = keys.batch(batch_id)
+    async with redis.pipeline(transaction=True) as pipe:
         pipe.hset(ledger, mapping=new_batch_fields(0, 0, sealed=False))  # type: ignore[arg-type]
-        pipe.expire(ledger, clients.settings.batch_ttl_s)
+        pipe.expire(ledger, s.batch_ttl_s)
         await pipe.execute()
     return BatchOpened(batch_id=batch_id)
 
@@ -175,13 +182,15 @@ async def open_batch(clients: ClientsDep) -> BatchOpened:
 @router.post(
     "/api/batches/{batch_id}/seal", response_model=BatchStatus, responses={404: {"model": Problem}}
 )
-async def seal_batch(batch_id: BatchId, clients: ClientsDep) -> BatchStatus:
+async def seal_batch(
+    batch_id: BatchId, s: SettingsDep, redis: RedisDep, keys: KeysDep, results: ResultsDep
+) -> BatchStatus:
     """No more users for this batch. If every job already finished, run the switch now."""
-    ledger = clients.keys.batch(batch_id)
-    outcome = int(await clients.redis.eval(SEAL_SCRIPT, 1, ledger))
+    ledger = keys.batch(batch_id)
+    outcome = int(await redis.eval(SEAL_SCRIPT, 1, ledger))
     if outcome == -1:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"no batch {batch_id}")
-    return await get_batch(batch_id, clients)
+    return await get_batch(batch_id, s, redis, keys, results)
 
 
 @router.get(
@@ -189,7 +198,10 @@ async def seal_batch(batch_id: BatchId, clients: ClientsDep) -> BatchStatus:
 )
 async def get_batch(
     batch_id: BatchId,
-    clients: ClientsDep,
+    s: SettingsDep,
+    redis: RedisDep,
+    keys: KeysDep,
+    results: ResultsDep,
     failed_users: Annotated[
         bool, Query(description="also list the users of dead-lettered jobs")
     ] = False,
@@ -198,19 +210,18 @@ async def get_batch(
 
     A complete batch whose switch has not run yet (its last worker died before it could)
     is finalized here."""
-    ledger = clients.keys.batch(batch_id)
-    fields = await clients.redis.hgetall(ledger)
+    ledger = keys.batch(batch_id)
+    fields = await redis.hgetall(ledger)
     if not fields:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"no batch {batch_id}")
-    doc = batch_status(batch_id, fields)
-    if doc["state"] in ("done", "failed") and doc["gen_state"] == PENDING:
-        await run_steps_async(
-            clients.redis, finalize_steps(batch_id, clients.settings, clients.keys)
-        )
-        clients.results.generations.invalidate()
-        doc = batch_status(batch_id, await clients.redis.hgetall(ledger))
+    ledger_status = LedgerStatus.parse(batch_id, fields)
+    if ledger_status.finished and ledger_status.gen_state == GenState.PENDING:
+        await run_steps_async(redis, finalize_steps(batch_id, s, keys))
+        results.generations.invalidate()
+        ledger_status = LedgerStatus.parse(batch_id, await redis.hgetall(ledger))
+    doc = ledger_status.document()
     if failed_users:
-        packed = await clients.redis.hvals(clients.keys.batch_dead_users(batch_id))
+        packed = await redis.hvals(keys.batch_dead_users(batch_id))
         raw = b"".join(p if isinstance(p, bytes) else p.encode() for p in packed)
         users = np.unique(np.frombuffer(raw, dtype="<i8"))
         doc["failed_user_ids"] = users[:MAX_FAILED_USERS].tolist()

@@ -3,7 +3,8 @@
 Routes: ``GET /api/batches/{batch_id}/drift[?reference=ID]`` and ``GET|PUT|DELETE
 /api/drift/reference`` (the batch an operator pins as the reference).
 
-The router's lifespan runs ``monitor``, which every ``MONITOR_EVERY_S`` seconds exports:
+The app's lifespan (``api/app.py``) runs ``monitor``, which every ``MONITOR_EVERY_S``
+seconds exports:
 
 - the cold fraction of the latest finished batch, and the chi-square test of its
   popularity-bucket counts against its reference (the pinned batch, else the batch that
@@ -20,25 +21,26 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable
-from contextlib import asynccontextmanager, suppress
+from collections.abc import Awaitable
+from contextlib import suppress
 from dataclasses import asdict
 from typing import Annotated, Any, Literal, cast
 from urllib.parse import quote, unquote, urlsplit
 
 import httpx
-from fastapi import APIRouter, FastAPI, HTTPException, Path, Query, status
+from fastapi import APIRouter, HTTPException, Path, Query, status
 from pydantic import BaseModel, Field
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from recfleet.api import metrics
-from recfleet.api.deps import Clients, ClientsDep
+from recfleet.api.deps import KeysDep, RedisDep
 from recfleet.api.schemas import Problem
 from recfleet.shared.drift import chi_square, cold_fraction
+from recfleet.shared.keys import Keys
+from recfleet.shared.ledger import LedgerStatus
 from recfleet.shared.messages import ID_PATTERN
 from recfleet.shared.settings import Settings
-from recfleet.shared.store import batch_status
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +92,7 @@ def _text(value: bytes | str) -> str:
 
 def batch_counts(batch_id: str, fields: dict[Any, Any]) -> BatchCounts:
     """The drift-relevant figures of one batch ledger."""
-    doc = batch_status(batch_id, fields)
+    doc = LedgerStatus.parse(batch_id, fields).document()
     return BatchCounts(
         batch_id=batch_id,
         state=doc["state"],
@@ -119,21 +121,20 @@ def drift_report(
     )
 
 
-async def _ledgers(redis: Redis, clients: Clients, ids: list[str]) -> list[dict[Any, Any]]:
+async def _ledgers(redis: Redis, keys: Keys, ids: list[str]) -> list[dict[Any, Any]]:
     async with redis.pipeline(transaction=False) as pipe:
         for batch_id in ids:
-            pipe.hgetall(clients.keys.batch(batch_id))
+            pipe.hgetall(keys.batch(batch_id))
         return list(await pipe.execute())
 
 
-async def _previous_finished(clients: Clients, batch_id: str) -> BatchCounts | None:
+async def _previous_finished(redis: Redis, keys: Keys, batch_id: str) -> BatchCounts | None:
     """The latest finished batch whose last progress came before ``batch_id``'s."""
-    redis, keys = clients.redis, clients.keys
     score = await redis.zscore(keys.batches, batch_id)
     newest = "+inf" if score is None else f"({score}"
     found = await redis.zrevrangebyscore(keys.batches, newest, "-inf", start=0, num=PREVIOUS_LIMIT)
     ids = [_text(member) for member in cast(list[bytes], found)]
-    for other, fields in zip(ids, await _ledgers(redis, clients, ids), strict=True):
+    for other, fields in zip(ids, await _ledgers(redis, keys, ids), strict=True):
         if other != batch_id and fields:
             counts = batch_counts(other, fields)
             if counts.state in FINISHED:
@@ -142,11 +143,10 @@ async def _previous_finished(clients: Clients, batch_id: str) -> BatchCounts | N
 
 
 async def resolve_reference(
-    clients: Clients, batch_id: str, requested: str | None
+    redis: Redis, keys: Keys, batch_id: str, requested: str | None
 ) -> tuple[BatchCounts | None, str | None]:
     """The reference of ``batch_id``: the requested batch, else the pinned one, else the
     previous finished batch. Raises HTTPException 404 when a requested batch is unknown."""
-    redis, keys = clients.redis, clients.keys
     if requested is not None:
         fields = await redis.hgetall(keys.batch(requested))
         if not fields:
@@ -157,24 +157,11 @@ async def resolve_reference(
         fields = await redis.hgetall(keys.batch(_text(pinned)))
         if fields:
             return batch_counts(_text(pinned), fields), "pinned"
-    previous = await _previous_finished(clients, batch_id)
+    previous = await _previous_finished(redis, keys, batch_id)
     return previous, "previous" if previous else None
 
 
-async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
-    stop = asyncio.Event()
-    task = asyncio.create_task(monitor(app.state.clients, stop), name="monitor")
-    try:
-        yield
-    finally:
-        # The event, not only the cancel: a cancel that lands in an HTTP client's own
-        # timeout can come back as a timeout error, which the monitor would survive.
-        stop.set()
-        task.cancel()
-        await asyncio.wait([task], timeout=10)
-
-
-router = APIRouter(tags=["drift"], lifespan=asynccontextmanager(_lifespan))
+router = APIRouter(tags=["drift"])
 
 
 @router.get(
@@ -184,53 +171,52 @@ router = APIRouter(tags=["drift"], lifespan=asynccontextmanager(_lifespan))
 )
 async def get_drift(
     batch_id: BatchId,
-    clients: ClientsDep,
+    redis: RedisDep,
+    keys: KeysDep,
     reference: Annotated[str | None, Query(pattern=ID_PATTERN)] = None,
 ) -> DriftReport:
     """Cold fraction of a batch and a chi-square test of its recommendations' popularity
     buckets against a reference batch (``reference``, else the pinned one, else the batch
     that finished before it). ``chi_square`` is null when there is no usable reference."""
-    fields = await clients.redis.hgetall(clients.keys.batch(batch_id))
+    fields = await redis.hgetall(keys.batch(batch_id))
     if not fields:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"no batch {batch_id}")
-    ref, source = await resolve_reference(clients, batch_id, reference)
+    ref, source = await resolve_reference(redis, keys, batch_id, reference)
     return drift_report(batch_counts(batch_id, fields), ref, source)
 
 
 @router.get("/api/drift/reference", response_model=PinnedReference)
-async def get_pinned_reference(clients: ClientsDep) -> PinnedReference:
+async def get_pinned_reference(redis: RedisDep, keys: KeysDep) -> PinnedReference:
     """The batch pinned as drift reference, if any."""
-    pinned = await clients.redis.get(clients.keys.drift_reference)
+    pinned = await redis.get(keys.drift_reference)
     return PinnedReference(batch_id=_text(pinned) if pinned is not None else None)
 
 
 @router.put(
     "/api/drift/reference", response_model=PinnedReference, responses={404: {"model": Problem}}
 )
-async def pin_reference(body: PinnedReference, clients: ClientsDep) -> PinnedReference:
+async def pin_reference(body: PinnedReference, redis: RedisDep, keys: KeysDep) -> PinnedReference:
     """Pin a batch as the reference of every later drift test (until its ledger expires)."""
-    if body.batch_id is None or not await clients.redis.exists(clients.keys.batch(body.batch_id)):
+    if body.batch_id is None or not await redis.exists(keys.batch(body.batch_id)):
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"no batch {body.batch_id}")
-    ttl = await clients.redis.ttl(clients.keys.batch(body.batch_id))
-    await clients.redis.set(
-        clients.keys.drift_reference, body.batch_id, ex=ttl if ttl > 0 else None
-    )
+    ttl = await redis.ttl(keys.batch(body.batch_id))
+    await redis.set(keys.drift_reference, body.batch_id, ex=ttl if ttl > 0 else None)
     return body
 
 
 @router.delete("/api/drift/reference", status_code=status.HTTP_204_NO_CONTENT)
-async def unpin_reference(clients: ClientsDep) -> None:
+async def unpin_reference(redis: RedisDep, keys: KeysDep) -> None:
     """Go back to comparing each batch with the one that finished before it."""
-    await clients.redis.delete(clients.keys.drift_reference)
+    await redis.delete(keys.drift_reference)
 
 
 # -- the monitor ---------------------------------------------------------------------
 
 
-async def refresh_batches(clients: Clients) -> None:
+async def refresh_batches(redis: Redis, keys: Keys, batch_ttl_s: float) -> None:
     """Set the batches-by-state and drift gauges from the recent batch ledgers."""
-    redis, keys, now = clients.redis, clients.keys, time.time()
-    await redis.zremrangebyscore(keys.batches, "-inf", now - clients.settings.batch_ttl_s)
+    now = time.time()
+    await redis.zremrangebyscore(keys.batches, "-inf", now - batch_ttl_s)
     found = await redis.zrevrange(keys.batches, 0, RECENT_LIMIT - 1, withscores=True)
     entries = cast(list[tuple[bytes, float]], found)
     ids = [_text(member) for member, _ in entries]
@@ -238,7 +224,7 @@ async def refresh_batches(clients: Clients) -> None:
     states = dict.fromkeys(STATES, 0)
     latest: BatchCounts | None = None
     gone = []
-    ledgers = await _ledgers(redis, clients, ids)
+    ledgers = await _ledgers(redis, keys, ids)
     for batch_id, score, fields in zip(ids, scores, ledgers, strict=True):
         if not fields:  # expired, or a job that belonged to no batch ledger
             gone.append(batch_id)
@@ -252,7 +238,8 @@ async def refresh_batches(clients: Clients) -> None:
         await redis.zrem(keys.batches, *gone)
     report = None
     if latest is not None:
-        report = drift_report(latest, *await resolve_reference(clients, latest.batch_id, None))
+        reference = await resolve_reference(redis, keys, latest.batch_id, None)
+        report = drift_report(latest, *reference)
     # No await from here on: a scrape never sees the gauges half set.
     for state, n in states.items():
         metrics.BATCHES_RECENT.labels(state).set(n)
@@ -289,7 +276,7 @@ async def sample_queues(http: httpx.AsyncClient, settings: Settings) -> None:
 
     Raises httpx.HTTPError when the management API does not answer.
     """
-    base, vhost, auth = management_api(str(settings.amqp_url))
+    base, vhost, auth = management_api(settings.amqp_urls[0])
     gauges = (
         (metrics.QUEUE_MESSAGES, "messages_ready"),
         (metrics.QUEUE_UNACKED, "messages_unacknowledged"),
@@ -309,13 +296,17 @@ async def sample_queues(http: httpx.AsyncClient, settings: Settings) -> None:
             gauge.labels(queue).set(body.get(field, 0))
 
 
-async def monitor(clients: Clients, stop: asyncio.Event, every: float = MONITOR_EVERY_S) -> None:
+async def monitor(
+    redis: Redis, settings: Settings, stop: asyncio.Event, every: float = MONITOR_EVERY_S
+) -> None:
     """Refresh the batch, drift and queue gauges until ``stop`` is set."""
     failing: set[str] = set()
+    keys = Keys(settings.redis_prefix)
     async with httpx.AsyncClient(timeout=3.0) as http:
         while not stop.is_set():
-            await _guarded("batch ledgers", refresh_batches(clients), failing)
-            await _guarded("broker management API", sample_queues(http, clients.settings), failing)
+            refresh = refresh_batches(redis, keys, settings.batch_ttl_s)
+            await _guarded("batch ledgers", refresh, failing)
+            await _guarded("broker management API", sample_queues(http, settings), failing)
             with suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), every)
 

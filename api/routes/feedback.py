@@ -4,26 +4,12 @@ from __future__ import annotations
 
 from fastapi import APIRouter, HTTPException, Response, status
 
-from recfleet.api.db import FAILURES, Database, DatabaseUnavailable, LikeConflict, LikeRefused
-from recfleet.api.deps import Clients, ClientsDep
+from recfleet.api.db import FAILURES, DatabaseUnavailable, LikeConflict, LikeRefused
+from recfleet.api.deps import DatabaseDep, ResultsDep
 from recfleet.api.schemas import Problem
 from recfleet.shared.feedback import Impression, ImpressionRequest, Like, LikeRequest
 
 router = APIRouter(tags=["feedback"])
-RETRY_AFTER_S = "5"
-
-
-def _unavailable(reason: str) -> HTTPException:
-    FAILURES.labels("database").inc()
-    return HTTPException(
-        status.HTTP_503_SERVICE_UNAVAILABLE, reason, headers={"Retry-After": RETRY_AFTER_S}
-    )
-
-
-def _database(clients: Clients) -> Database:
-    if clients.db is None:
-        raise _unavailable("no feedback database is configured")
-    return clients.db
 
 
 @router.post(
@@ -32,15 +18,16 @@ def _database(clients: Clients) -> Database:
     response_model=Impression,
     responses={404: {"model": Problem}, 503: {"model": Problem}},
 )
-async def record_impression(body: ImpressionRequest, clients: ClientsDep) -> Impression:
+async def record_impression(
+    body: ImpressionRequest, db: DatabaseDep, results: ResultsDep
+) -> Impression:
     """Show a user their current recommendations and record the impression.
 
     The list comes from the stored result, never from the client, so an impression is
     what was really served. 404 when the user has no result yet; 503 (nothing recorded)
     when PostgreSQL is unavailable.
     """
-    db = _database(clients)
-    result = await clients.results.read(body.user_id)
+    result = await results.read(body.user_id)
     if result is None:
         FAILURES.labels("no_result").inc()
         raise HTTPException(
@@ -55,8 +42,9 @@ async def record_impression(body: ImpressionRequest, clients: ClientsDep) -> Imp
             generation=result.generation,
             cold=result.cold,
         )
-    except DatabaseUnavailable as exc:
-        raise _unavailable(str(exc)) from exc
+    except DatabaseUnavailable:
+        FAILURES.labels("database").inc()
+        raise
 
 
 @router.post(
@@ -70,22 +58,22 @@ async def record_impression(body: ImpressionRequest, clients: ClientsDep) -> Imp
         503: {"model": Problem},
     },
 )
-async def record_like(body: LikeRequest, response: Response, clients: ClientsDep) -> Like:
+async def record_like(body: LikeRequest, response: Response, db: DatabaseDep) -> Like:
     """Record a like of one playlist of an impression: 201 when new, 200 for a retry
     (same ``like_id``, or the same playlist of the same impression), 422 when the playlist
     was not shown to that user in that impression, 409 when ``like_id`` names another like,
     503 (nothing recorded) when PostgreSQL is unavailable."""
-    db = _database(clients)
     try:
         like, created = await db.record_like(body)
-    except LikeRefused as exc:
+    except LikeRefused:
         FAILURES.labels("not_shown").inc()
-        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from exc
-    except LikeConflict as exc:
+        raise
+    except LikeConflict:
         FAILURES.labels("conflict").inc()
-        raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from exc
-    except DatabaseUnavailable as exc:
-        raise _unavailable(str(exc)) from exc
+        raise
+    except DatabaseUnavailable:
+        FAILURES.labels("database").inc()
+        raise
     if not created:
         response.status_code = status.HTTP_200_OK
     return like

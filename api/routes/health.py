@@ -6,7 +6,7 @@ from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from recfleet.api.deps import ClientsDep
+from recfleet.api.deps import PublisherDep, RedisDep
 from recfleet.api.metrics import REGISTRY
 
 router = APIRouter(tags=["operations"])
@@ -19,11 +19,11 @@ async def healthz() -> dict[str, str]:
 
 
 @router.get("/readyz")
-async def readyz(clients: ClientsDep) -> JSONResponse:
+async def readyz(publisher: PublisherDep, redis: RedisDep) -> JSONResponse:
     """Ready when the broker channel is open and Redis answers; 503 otherwise."""
-    checks = {"broker": clients.publisher.ready, "redis": False}
+    checks = {"broker": publisher.ready, "redis": False}
     try:
-        checks["redis"] = bool(await clients.redis.ping())
+        checks["redis"] = bool(await redis.ping())
     except Exception:  # any failure means "not ready", which is what we report
         checks["redis"] = False
     ready = all(checks.values())

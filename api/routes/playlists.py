@@ -8,9 +8,8 @@ from typing import Annotated
 import orjson
 from fastapi import APIRouter, HTTPException, Path, Response, status
 
-from recfleet.api.deps import ClientsDep
+from recfleet.api.deps import ResultsDep, SettingsDep, SyncDep
 from recfleet.api.schemas import Problem, SyncResult, UserIdsRequest, UserResult
-from recfleet.api.sync import SyncTimeout
 from recfleet.shared.messages import MAX_USER_ID, Job, new_id
 
 router = APIRouter(tags=["playlists"])
@@ -20,10 +19,10 @@ router = APIRouter(tags=["playlists"])
     "/api/playlist/{user_id}", response_model=UserResult, responses={404: {"model": Problem}}
 )
 async def get_playlists(
-    user_id: Annotated[int, Path(ge=0, le=MAX_USER_ID)], clients: ClientsDep
+    user_id: Annotated[int, Path(ge=0, le=MAX_USER_ID)], results: ResultsDep
 ) -> Response:
     """The user's ranked playlists, best first; 404 when no result was written yet."""
-    result = await clients.results.read(user_id)
+    result = await results.read(user_id)
     if result is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"no recommendations for user {user_id}")
     # The hottest route: serialise once with orjson instead of validating the model again.
@@ -35,10 +34,11 @@ async def get_playlists(
     response_model=list[SyncResult],
     responses={413: {"model": Problem}, 503: {"model": Problem}, 504: {"model": Problem}},
 )
-async def recommend_now(body: UserIdsRequest, clients: ClientsDep) -> list[SyncResult]:
+async def recommend_now(
+    body: UserIdsRequest, s: SettingsDep, results: ResultsDep, sync: SyncDep
+) -> list[SyncResult]:
     """Rank a few users now, through the fleet (served ahead of batch jobs). The results
     are also written into the current generation, so later reads return them too."""
-    s = clients.settings
     if len(body.user_ids) > s.max_users_sync:
         raise HTTPException(
             status.HTTP_413_CONTENT_TOO_LARGE,
@@ -51,14 +51,7 @@ async def recommend_now(body: UserIdsRequest, clients: ClientsDep) -> list[SyncR
         batch_id=f"sync-{new_id()}",
         user_ids=user_ids,
         created_at=time.time(),
-        generation=await clients.results.generations.current(),
+        generation=await results.generations.current(),
     )
-    try:
-        answer = await clients.sync.request(job)
-    except SyncTimeout as exc:
-        raise HTTPException(status.HTTP_504_GATEWAY_TIMEOUT, str(exc)) from exc
-    except ConnectionError as exc:
-        raise HTTPException(
-            status.HTTP_503_SERVICE_UNAVAILABLE, str(exc), headers={"Retry-After": "5"}
-        ) from exc
+    answer = await sync.request(job)  # SyncTimeout (504), BrokerUnavailable (503)
     return [SyncResult(**row) for row in answer]

@@ -33,11 +33,12 @@ import pika
 import redis
 
 from recfleet.cli.fleet import settings_env
+from recfleet.shared.codec import HEADER, encode_results, model_tag
 from recfleet.shared.errors import UndecodableMessage
-from recfleet.shared.generations import GenerationKeys
+from recfleet.shared.keys import Keys
+from recfleet.shared.ledger import LedgerStatus
 from recfleet.shared.messages import decode_job
 from recfleet.shared.settings import Settings
-from recfleet.shared.store import HEADER, Keys, batch_status, encode_results, model_tag
 from recfleet.shared.topology import HEADER_BATCH_ID
 
 REPO = Path(__file__).resolve().parents[2]
@@ -104,7 +105,7 @@ class Fleet:
         self.gateway: subprocess.Popen[bytes] | None = None
         self.workers: subprocess.Popen[bytes] | None = None
         self._worker_runs = 0
-        self.base_url = f"http://{settings.api_host}:{settings.api_port}"
+        self.base_url = settings.api_url
         log_dir.mkdir(parents=True, exist_ok=True)
 
     def __enter__(self) -> Fleet:
@@ -289,14 +290,16 @@ def progress(settings: Settings, batch_ids: Sequence[str]) -> Progress:
         with client.pipeline(transaction=False) as pipe:
             for batch_id in batch_ids:
                 pipe.hgetall(keys.batch(batch_id))
-            ledgers = [batch_status(b, f) for b, f in zip(batch_ids, pipe.execute(), strict=True)]
+            ledgers = [
+                LedgerStatus.parse(b, f) for b, f in zip(batch_ids, pipe.execute(), strict=True)
+            ]
     finally:
         client.close()
     return Progress(
-        jobs_total=sum(s["jobs_total"] for s in ledgers),
-        jobs_finished=sum(s["jobs_done"] + s["jobs_dead"] for s in ledgers),
-        users_total=sum(s["users_total"] for s in ledgers),
-        users_finished=sum(s["users_done"] + s["users_dead"] for s in ledgers),
+        jobs_total=sum(s.jobs_total for s in ledgers),
+        jobs_finished=sum(s.jobs_done + s.jobs_dead for s in ledgers),
+        users_total=sum(s.users_total for s in ledgers),
+        users_finished=sum(s.users_done + s.users_dead for s in ledgers),
     )
 
 
@@ -402,7 +405,7 @@ def check_invariant(
     dead = dead_letters(settings) if dead is None else dead
     dead_ids = {d.job_id for d in dead}
     tally = Tally(dead_jobs=len(dead))
-    keys, gen_keys = Keys(settings.redis_prefix), GenerationKeys(settings.redis_prefix)
+    keys = gen_keys = Keys(settings.redis_prefix)
     client = redis.Redis.from_url(str(settings.redis_url))
     try:
         for batch_id, users in accepted.items():
@@ -415,7 +418,7 @@ def check_invariant(
 
 
 def _read_results(
-    client: redis.Redis, gen_keys: GenerationKeys, batch_id: str, users: Sequence[int]
+    client: redis.Redis, gen_keys: Keys, batch_id: str, users: Sequence[int]
 ) -> list[bytes | None]:
     buckets = sorted({gen_keys.result_bucket(batch_id, u) for u in users})
     with client.pipeline(transaction=False) as pipe:
@@ -454,7 +457,7 @@ def _check_results(
 
 
 def _check_ledger(client: redis.Redis, keys: Keys, batch_id: str, users: int, tally: Tally) -> None:
-    status = batch_status(batch_id, client.hgetall(keys.batch(batch_id)))
+    status = LedgerStatus.parse(batch_id, client.hgetall(keys.batch(batch_id))).document()
     done = client.scard(keys.batch_done(batch_id))
     dead = client.scard(keys.batch_dead(batch_id))
     problems = []

@@ -1,0 +1,68 @@
+"""The packed result stored per user: ``<B flags><I generated_at><I model_tag>`` then the
+playlist ids as little-endian uint32 (or int64 when flag WIDE is set)."""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+
+HEADER = struct.Struct("<BII")
+FLAG_COLD = 1
+FLAG_WIDE = 2
+NO_PLAYLIST = -1
+
+
+def model_tag(model_version: str) -> int:
+    """A stable 32-bit tag for a model version, stored in every result instead of the string."""
+    return zlib.crc32(model_version.encode())
+
+
+def encode_results(
+    playlists: np.ndarray, cold: np.ndarray, generated_at: int, tag: int
+) -> list[bytes]:
+    """Pack one result per row of ``playlists`` ([n, k] external ids, NO_PLAYLIST = padding).
+
+    Encodes the whole job with numpy at once and returns one ``bytes`` per user.
+    """
+    n, k = playlists.shape
+    wide = bool(n and (playlists.max() >= 2**32))
+    item = np.dtype("<i8") if wide else np.dtype("<u4")
+    rec = np.dtype([("flags", "u1"), ("ts", "<u4"), ("tag", "<u4"), ("p", item, (k,))])
+    out = np.empty(n, dtype=rec)
+    out["flags"] = np.where(cold, FLAG_COLD, 0) | (FLAG_WIDE if wide else 0)
+    out["ts"] = generated_at
+    out["tag"] = tag
+    out["p"] = (
+        playlists.astype(item.type, copy=False)
+        if wide
+        else np.where(playlists < 0, 0xFFFFFFFF, playlists).astype(np.uint32)
+    )
+    raw = out.tobytes()
+    size = rec.itemsize
+    return [raw[i * size : (i + 1) * size] for i in range(n)]
+
+
+@dataclass(frozen=True)
+class Result:
+    playlists: list[int]
+    cold: bool
+    generated_at: int
+    model_tag: int
+
+
+def decode_result(raw: bytes) -> Result:
+    """Unpack one result. Raises ValueError when the bytes are not a packed result."""
+    if len(raw) < HEADER.size:
+        raise ValueError("result shorter than its header")
+    flags, ts, tag = HEADER.unpack_from(raw)
+    body = raw[HEADER.size :]
+    if flags & FLAG_WIDE:
+        ids = np.frombuffer(body, dtype="<i8")
+        playlists = [int(x) for x in ids if x != NO_PLAYLIST]
+    else:
+        ids32 = np.frombuffer(body, dtype="<u4")
+        playlists = [int(x) for x in ids32 if x != 0xFFFFFFFF]
+    return Result(playlists=playlists, cold=bool(flags & FLAG_COLD), generated_at=ts, model_tag=tag)

@@ -1,0 +1,91 @@
+"""Every Redis key recfleet writes, in one place (``P`` is the prefix, ``rf`` by default).
+
+::
+
+    P:r:<gen>:<bucket>      hash of one generation's results: bucket = user_id >> BUCKET_BITS,
+                            field = the low bits of the id, value = a packed result
+                            (shared.codec); small hashes keep Redis's compact listpack
+    P:gen:history           sorted set, active generation -> time it became current
+    P:models                hash, model tag (decimal) -> model version string
+    P:b:{<batch_id>}        hash, the batch ledger (shared.ledger)
+    P:b:{<batch_id>}:done   set of finished job ids (makes progress idempotent)
+    P:b:{<batch_id>}:dead   set of dead-lettered job ids
+    P:b:{<batch_id>}:dead-users  hash, dead-lettered job id -> its users (packed int64)
+    P:batches               sorted set, batch id -> time of its latest progress
+    P:drift:reference       string, the batch id an operator pinned as drift reference
+    P:idem:<sha256>         string, an Idempotency-Key's stored answer
+
+The ``{batch_id}`` hash tag keeps a batch's keys in one Cluster slot, so the ledger
+scripts touch one slot only; result buckets spread over all slots.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+
+BUCKET_BITS = 7
+
+
+@dataclass(frozen=True)
+class Keys:
+    """Key names under one prefix."""
+
+    prefix: str
+
+    @property
+    def models(self) -> str:
+        return f"{self.prefix}:models"
+
+    def batch(self, batch_id: str) -> str:
+        return f"{self.prefix}:b:{{{batch_id}}}"
+
+    def batch_done(self, batch_id: str) -> str:
+        return f"{self.prefix}:b:{{{batch_id}}}:done"
+
+    def batch_dead(self, batch_id: str) -> str:
+        return f"{self.prefix}:b:{{{batch_id}}}:dead"
+
+    def batch_dead_users(self, batch_id: str) -> str:
+        """Hash: dead-lettered job id -> its user ids as packed little-endian int64."""
+        return f"{self.prefix}:b:{{{batch_id}}}:dead-users"
+
+    @property
+    def batches(self) -> str:
+        return f"{self.prefix}:batches"
+
+    @property
+    def drift_reference(self) -> str:
+        return f"{self.prefix}:drift:reference"
+
+    def idempotency(self, key_digest: str) -> str:
+        return f"{self.prefix}:idem:{key_digest}"
+
+    @property
+    def history(self) -> str:
+        """Sorted set: active generation -> time it became current (newest = current)."""
+        return f"{self.prefix}:gen:history"
+
+    def result_bucket(self, generation: str, user_id: int) -> str:
+        return f"{self.prefix}:r:{generation}:{user_id >> BUCKET_BITS}"
+
+    @staticmethod
+    def result_field(user_id: int) -> int:
+        """The user's field in its bucket: the low bits of the id (the key holds the rest).
+
+        A small integer field keeps each listpack entry a few bytes shorter.
+        """
+        return user_id & ((1 << BUCKET_BITS) - 1)
+
+    def result_pattern(self, generation: str) -> str:
+        return f"{self.prefix}:r:{generation}:*"
+
+
+def bucket_mappings(
+    keys: Keys, generation: str, user_ids: list[int], values: list[bytes]
+) -> dict[str, dict[int, bytes]]:
+    """Group packed results by result hash: ``{key: {field: value}}``, one HSET each."""
+    out: dict[str, dict[int, bytes]] = defaultdict(dict)
+    for uid, value in zip(user_ids, values, strict=True):
+        out[keys.result_bucket(generation, uid)][keys.result_field(uid)] = value
+    return out
