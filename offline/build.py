@@ -232,7 +232,7 @@ def _build_into(
         popularity = np.bincount(split.train.indices, minlength=n_playlists)
     # The SVD and the kNN stay on one thread: on the shared 2-core machine two threads
     # made the kNN 5x and the SVD 3x slower (many small ops, a thread team each).
-    with _math_threads(1):
+    with clock.stage("pairing"), _math_threads(1):
         indptr, indices, pair_timings = pair_users(split.train, popularity, seed, pair_cfg, threads)
     for name, seconds in pair_timings.items():
         clock.add(name, seconds)

@@ -297,3 +297,37 @@ def test_candidates_rank_by_votes_exclude_seen_and_pad_from_popularity() -> None
     ]
     _, capped = build_candidates(matrix, neighbours, popularity, min_candidates=1, max_candidates=2)
     assert capped[:2].tolist() == [2, 3]
+
+
+def test_build_command_prints_stage_timings_and_no_live_display_off_a_terminal(
+    tmp_path: Path,
+) -> None:
+    from click.testing import CliRunner
+
+    from recfleet.cli.artifacts import artifacts
+
+    argv = ["build", "--out", str(tmp_path / "a"), "--users", "2000", "--playlists", "500"]
+    result = CliRunner().invoke(artifacts, [*argv, "--threads", "1"])
+    assert result.exit_code == 0, result.output
+    assert "build stages" in result.output and "bpr" in result.output
+    assert "⠋" not in result.output  # no spinner frames when not on a terminal
+    assert json.loads((tmp_path / "a" / MANIFEST).read_text())["threads"] == 1
+
+
+def test_stage_display_shows_running_and_finished_stages() -> None:
+    from io import StringIO
+
+    from rich.console import Console
+    from rich.progress import Progress, TextColumn
+
+    from recfleet.cli.artifacts import _StageDisplay
+
+    console = Console(file=StringIO(), force_terminal=True)
+    with Progress(TextColumn("{task.description}"), console=console) as progress:
+        display = _StageDisplay(progress)
+        display("pairing", None)
+        display("pairing_svd", 1.25)
+        display("pairing", 3.5)
+        display("bpr", None)
+        shown = {task.description: task.finished for task in progress.tasks}
+    assert shown == {"pairing (3.5s)": True, "pairing_svd (1.2s)": True, "bpr": False}
