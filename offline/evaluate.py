@@ -70,7 +70,7 @@ def evaluation_users(heldout: np.ndarray, max_users: int, seed: int) -> np.ndarr
     return users
 
 
-def _padded(
+def padded_candidates(
     indptr: np.ndarray, indices: np.ndarray, users: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
     """Candidate rows of ``users`` as [B, L] (zero-padded) and the validity mask."""
@@ -94,7 +94,7 @@ def expected_ranks(
     ranks = np.full(len(users), np.inf)
     for begin in range(0, len(users), chunk):
         batch = users[begin : begin + chunk]
-        cands, mask = _padded(indptr, indices, batch)
+        cands, mask = padded_candidates(indptr, indices, batch)
         target = heldout[batch]
         present = ((cands == target[:, None]) & mask).any(axis=1)
         scores = scorer(batch, np.concatenate([cands, target[:, None]], axis=1))
