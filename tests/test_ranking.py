@@ -290,10 +290,11 @@ def test_bench_command_ends_with_json_and_documents_its_options(tmp_path: Path) 
 
     write_artifacts(tmp_path / "art", make_model(13))
     argv = ["rank", "--artifacts", str(tmp_path / "art"), "--repeats", "1", "--jobs", "2"]
-    result = CliRunner().invoke(bench, [*argv, "--compare", "--json"])
+    result = CliRunner().invoke(bench, [*argv, "--compare", "--dtype", "float16", "--json"])
     assert result.exit_code == 0, result.output
     figures = json.loads(result.output.strip().splitlines()[-1])
-    assert figures["users_per_s"] > 0 and "old_ranker" in figures["baselines"]
+    assert figures["users_per_s"] > 0 and figures["dtype"] == "float16"
+    assert {"old_ranker", "old_ranker_float32"} <= set(figures["baselines"])
     help_text = CliRunner().invoke(bench, ["rank", "--help"]).output
     for option in ("--artifacts", "--compare", "--dtype", "--repeats", "--json"):
         assert option in help_text

@@ -9,7 +9,8 @@ kernel, the per-user loop, padded bmm) side by side, interleaved repeat by repea
     recfleet bench rank --artifacts artifacts/current --compare --json
 
 ``--dtype float16`` ranks against a float16 copy of a float32 table (and vice versa), so
-the two can be compared on one artifact directory.
+the two can be compared on one artifact directory; ``--compare`` then also times the old
+kernel on the table as stored (``old_ranker_float32``).
 
 Synthetic candidates: 20–100 per user (uniform), playlist rows drawn uniformly or from a
 Zipf-like popularity law (``w = (rank + 1) ** -0.9`` as in ``offline.synthetic``, ranks
@@ -154,8 +155,9 @@ def run(
                 "fallback",
             )
         }
-        if model["playlist_embeddings"].dtype != np.dtype(dtype):
-            model["playlist_embeddings"] = model["playlist_embeddings"].astype(dtype)
+        stored = model["playlist_embeddings"]
+        if stored.dtype != np.dtype(dtype):
+            model["playlist_embeddings"] = stored.astype(dtype)
         source = str(artifacts)
     else:
         model = synthetic_model(users, playlists, dim, distribution, dtype, seed)
@@ -170,6 +172,10 @@ def run(
     }
     if compare:  # the loop baselines are ~10x slower: fewer jobs each, same repeats
         contenders["old_ranker"] = (BlockedRanker(**model, k=k, check=False).rank, jobs)
+        if artifacts is not None and stored.dtype != model["playlist_embeddings"].dtype:
+            as_stored = {**model, "playlist_embeddings": stored}
+            name = f"old_ranker_{stored.dtype}"  # the old kernel on the table as stored
+            contenders[name] = (BlockedRanker(**as_stored, k=k, check=False).rank, jobs)
         few = jobs[: max(2, jobs_per_repeat // 8)]
         contenders["per_user_loop"] = (per_user_loop(model, k), few)
         contenders["padded_bmm"] = (padded_bmm(model, k), few)
