@@ -24,7 +24,7 @@ from recfleet.offline import evaluate
 
 logger = logging.getLogger("offline")
 
-BETAS = (0.0, 0.04, 0.08, 0.12, 0.16, 0.2, 0.3)
+BETAS = (0.0, 0.04, 0.08, 0.12, 0.16, 0.2, 0.3, 0.4, 0.6)  # 0.3 was best at 200k users
 VALIDATION_USERS = 50_000
 FLOAT16_TOLERANCE = 5e-4
 
