@@ -1,7 +1,8 @@
 """Fixtures that talk to the real RabbitMQ, Redis and PostgreSQL on localhost.
 
 A service that does not answer is a test failure, never a skip. Each test session
-uses its own queue names and Redis prefix, and deletes them afterwards.
+uses its own queue names and Redis prefix, and deletes them afterwards. Helpers the tests
+share live in tests/support; this file holds fixtures only.
 """
 
 from __future__ import annotations
@@ -17,36 +18,13 @@ import httpx
 import pytest
 import redis
 
-from recfleet.cli.measure import cleanup
 from recfleet.shared.messages import new_id
 from recfleet.shared.settings import Settings
+from tests.support.settings import database_url_for, make_settings, purge
 
 if TYPE_CHECKING:
     from recfleet.worker.consumer import Consumer
     from recfleet.worker.handler import JobHandler
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def make_settings(artifacts: Path, **overrides: object) -> Settings:
-    """Settings with private queue names, Redis prefix and ports."""
-    values: dict[str, object] = {
-        "artifacts": artifacts,
-        "api_port": free_port(),
-        "metrics_port": free_port(),
-        "heartbeat_s": 10,
-        **overrides,
-    }
-    return Settings(environment="test").isolated(f"rftest-{new_id()[:10]}", **values)
-
-
-def purge(settings: Settings) -> None:
-    """Delete the Redis keys and broker objects of one settings object."""
-    cleanup(settings)
 
 
 @pytest.fixture(scope="session")
@@ -92,14 +70,6 @@ def redis_client(settings: Settings) -> Iterator[redis.Redis]:
     client = redis.Redis.from_url(str(settings.redis_url))
     yield client
     client.close()
-
-
-def database_url_for(name: str) -> str:
-    """The configured PostgreSQL server's URL with another database name."""
-    from urllib.parse import urlsplit, urlunsplit
-
-    parts = urlsplit(str(Settings().database_url))
-    return urlunsplit(parts._replace(path=f"/{name}"))
 
 
 @pytest.fixture(scope="session")

@@ -30,7 +30,8 @@ from recfleet.shared.codec import encode_results, model_tag
 from recfleet.shared.keys import Keys, bucket_mappings
 from recfleet.shared.migrate import MIGRATIONS_DIR, MigrationError, upgrade
 from recfleet.shared.settings import Settings
-from tests.conftest import database_url_for, free_port
+from tests.support.net import free_port
+from tests.support.settings import database_url_for
 
 GENERATED_AT = 1_750_000_000
 GENERATION = "gen1"

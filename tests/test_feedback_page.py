@@ -21,7 +21,8 @@ from recfleet.cli.client import submit, wait
 from recfleet.cli.fleet import LocalFleet, settings_env
 from recfleet.shared.artifacts import read_manifest
 from recfleet.shared.settings import Settings
-from tests.conftest import free_port, make_settings, purge
+from tests.support.net import free_port
+from tests.support.settings import make_settings, purge
 
 pytestmark = pytest.mark.e2e
 

@@ -31,7 +31,8 @@ from recfleet.cli.client import submit, wait
 from recfleet.cli.fleet import LocalFleet
 from recfleet.cli.main import cli
 from recfleet.shared.settings import Settings
-from tests.conftest import free_port, make_settings, purge
+from tests.support.net import free_port
+from tests.support.settings import make_settings, purge
 
 ROOT = Path(__file__).resolve().parents[1]
 DASHBOARDS = sorted((ROOT / "grafana" / "dashboards").glob("*.json"))

@@ -26,8 +26,9 @@ from recfleet.shared.settings import Settings
 from recfleet.shared.topology import delete_blocking, topology
 from recfleet.worker.handler import JobHandler
 from recfleet.worker.models import ModelStore
-from tests.conftest import make_settings
-from tests.faults.conftest import PrivateRedis
+from tests.support.queues import read_queue
+from tests.support.services import PrivateRedis
+from tests.support.settings import make_settings
 
 ACL_FILE = Path(__file__).resolve().parents[1] / "deploy" / "redis" / "users.acl"
 USERS = ("admin", "gateway", "worker")
@@ -116,17 +117,7 @@ def worker_redis(acl_redis: tuple[PrivateRedis, dict[str, str]]) -> Iterator[red
 
 
 def take_jobs(settings: Settings) -> list[Job]:
-    conn = pika.BlockingConnection(pika.URLParameters(str(settings.amqp_url)))
-    jobs = []
-    try:
-        channel = conn.channel()
-        while True:
-            method, _props, body = channel.basic_get(settings.jobs_queue, auto_ack=True)
-            if method is None:
-                return jobs
-            jobs.append(decode_job(body))
-    finally:
-        conn.close()
+    return [decode_job(body) for body, _ in read_queue(settings, settings.jobs_queue, take=True)]
 
 
 async def test_gateway_and_worker_do_their_work_as_their_acl_users(

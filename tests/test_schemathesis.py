@@ -24,8 +24,8 @@ from schemathesis.core.result import Ok
 
 from recfleet.api.app import create_app
 from recfleet.shared.settings import Settings
-from tests.conftest import make_settings, purge
-from tests.faults import report
+from tests.support.reports import report
+from tests.support.settings import make_settings, purge
 
 EXAMPLES = 100  # per operation and generation mode
 OUTAGE_STATUSES = (503, 504)

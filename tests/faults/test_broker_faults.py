@@ -10,29 +10,30 @@ import httpx
 import pika
 import pytest
 import redis
-from pydantic import AmqpDsn
 
 from recfleet.shared.settings import Settings
-from tests.faults import (
+from tests.support.batches import (
     BATCH_USERS,
-    Fleet,
-    assert_invariant,
-    check_invariant,
     post_batch,
     progress,
-    report_tally,
     submit_batches,
+    under_way,
     wait_complete,
     wait_fraction,
-    wait_until,
 )
-from tests.faults.conftest import PrivateRabbit, TcpProxy
+from tests.support.fleet import Fleet
+from tests.support.invariants import assert_invariant, check_invariant
+from tests.support.polling import wait_until
+from tests.support.proxy import TcpProxy
+from tests.support.reports import report_tally
+from tests.support.services import PrivateRabbit
 
 pytestmark = pytest.mark.faults
 
 
-def via(proxy: TcpProxy) -> AmqpDsn:
-    return AmqpDsn(f"amqp://guest:guest@127.0.0.1:{proxy.port}/")
+def via(proxy: TcpProxy) -> str:
+    """The broker's URL through the proxy (settings keep AMQP URLs as validated strings)."""
+    return f"amqp://guest:guest@127.0.0.1:{proxy.port}/"
 
 
 def assert_refused(resp: httpx.Response) -> None:
@@ -45,10 +46,7 @@ def test_broker_killed_and_restarted_mid_batch(
     fault_settings: Settings, private_rabbit: PrivateRabbit, tmp_path: Path
 ) -> None:
     with Fleet(fault_settings, tmp_path) as fleet:
-        fleet.start_gateway()
-        fleet.start_workers()
-        batches = submit_batches(fleet.base_url, 25)
-        wait_fraction(fault_settings, list(batches), 0.1)
+        batches, _ = under_way(fleet)
         private_rabbit.kill()
         at_kill = progress(fault_settings, list(batches))
         wait_until(lambda: not fleet.ready(), 30, "the gateway to report not ready")
@@ -84,7 +82,7 @@ def test_broker_unreachable_at_start(
     with Fleet(settings, tmp_path) as fleet:
         fleet.start_gateway(wait_ready=False)
         fleet.start_workers(wait_consuming=False)
-        assert fleet.gateway is not None and fleet.workers is not None
+        assert fleet.api is not None and fleet.workers is not None
         wait_until(lambda: _answers(f"{fleet.base_url}/healthz"), 60, "the gateway to serve")
         wait_until(lambda: len(fleet.worker_children()) == 2, 60, "both workers to start")
         children = fleet.worker_children()
@@ -92,7 +90,7 @@ def test_broker_unreachable_at_start(
         deadline = time.monotonic() + 5
         while time.monotonic() < deadline:
             assert not fleet.ready()
-            assert fleet.gateway.poll() is None and fleet.workers.poll() is None
+            assert fleet.api.poll() is None and fleet.workers.poll() is None
             time.sleep(0.2)
         assert_refused(post_batch(fleet.base_url, BATCH_USERS))
         assert not fleet.workers_consuming()
@@ -105,16 +103,18 @@ def test_broker_unreachable_at_start(
         assert fleet.worker_children() == children
         batches = submit_batches(fleet.base_url, 3)
         wait_complete(fault_settings, list(batches))
+        restarts = fleet.worker_restarts()
     tally = check_invariant(fault_settings, batches)
     report_tally(
         "broker unreachable at start",
         tally,
         submitted=tally.users + len(BATCH_USERS),
         refused_while_down=len(BATCH_USERS),
-        worker_restarts=0,
+        worker_restarts=len(restarts),
         recovered_s=f"{recovered_s:.1f}",
     )
     assert_invariant(tally)
+    assert restarts == [], f"the supervisor restarted workers that exited with {restarts}"
 
 
 def _answers(url: str) -> bool:

@@ -15,24 +15,18 @@ import pytest
 import redis
 from prometheus_client import REGISTRY
 
-from recfleet.cli.fleet import settings_env
+from recfleet.cli.fleet import RECFLEET, settings_env
 from recfleet.shared.messages import Job
 from recfleet.shared.settings import Settings
 from recfleet.worker.consumer import Consumer
 from recfleet.worker.handler import JobHandler, JobSummary
 from recfleet.worker.models import ModelStore
-from tests.faults import (
-    BATCH_USERS,
-    REPO,
-    Fleet,
-    assert_invariant,
-    check_invariant,
-    dead_letters,
-    report_tally,
-    submit_batches,
-    wait_complete,
-    wait_until,
-)
+from tests.support.batches import BATCH_USERS, submit_batches, wait_complete
+from tests.support.fleet import Fleet
+from tests.support.invariants import assert_invariant, check_invariant, dead_letters
+from tests.support.polling import wait_until
+from tests.support.queues import publish, read_queue
+from tests.support.reports import report_tally
 
 pytestmark = pytest.mark.faults
 
@@ -140,22 +134,10 @@ MALFORMED = {
 }
 
 
-def publish(settings: Settings, messages: dict[str, tuple[bytes, pika.BasicProperties]]) -> None:
-    conn = pika.BlockingConnection(pika.URLParameters(str(settings.amqp_url)))
-    try:
-        channel = conn.channel()
-        channel.confirm_delivery()
-        for body, props in messages.values():
-            channel.basic_publish("", settings.jobs_queue, body, props, mandatory=True)
-    finally:
-        conn.close()
-
-
 def recfleet(settings: Settings, *args: str) -> str:
     done = subprocess.run(
-        [sys.executable, "-m", "recfleet.cli.main", *args],
+        [*RECFLEET, *args],
         env=settings_env(settings),
-        cwd=REPO,
         capture_output=True,
         text=True,
         timeout=120,
@@ -175,24 +157,19 @@ def test_malformed_messages_and_a_poison_job_end_in_the_dead_letter_queue(
         batches = submit_batches(fleet.base_url, 1)
         publish(
             settings,
-            {
-                name: (body, pika.BasicProperties(message_id=name))
-                for name, body in MALFORMED.items()
-            },
+            [(body, pika.BasicProperties(message_id=name)) for name, body in MALFORMED.items()],
         )
         fleet.start_workers()
         wait_complete(settings, list(batches), timeout=180)
         redelivered = fleet.redeliveries()
-        crashes = sum(
-            log.read_text().count("exited with 70") for log in tmp_path.glob("worker-*.log")
-        )
+        crashes = fleet.worker_restarts().count("70")
         dead = dead_letters(settings)
         tally = check_invariant(settings, batches, dead)
         listing = recfleet(settings, "dlq", "list")
 
         # The bug is fixed (ordinary workers): the operator replays the batch's dead jobs.
         assert fleet.stop_workers() == 0
-        fleet.worker_argv = [sys.executable, "-m", "recfleet.cli.main"]
+        fleet.worker_argv = list(RECFLEET)
         fleet.start_workers()
         (batch_id,) = batches
         replayed = recfleet(settings, "dlq", "replay", "--batch", batch_id)
@@ -225,25 +202,6 @@ def test_malformed_messages_and_a_poison_job_end_in_the_dead_letter_queue(
 # -- the same job delivered more than once -----------------------------------------------------
 
 
-def duplicate_queue(settings: Settings) -> list[tuple[bytes, pika.BasicProperties]]:
-    """Publish a second copy of every message in the jobs queue; returns the messages."""
-    conn = pika.BlockingConnection(pika.URLParameters(str(settings.amqp_url)))
-    messages = []
-    try:
-        channel = conn.channel()
-        channel.confirm_delivery()
-        while True:
-            method, props, body = channel.basic_get(settings.jobs_queue, auto_ack=False)
-            if method is None:
-                break
-            messages.append((body, props))
-        for body, props in messages:
-            channel.basic_publish("", settings.jobs_queue, body, props, mandatory=True)
-    finally:
-        conn.close()  # the originals go back to the queue
-    return messages
-
-
 def snapshot(settings: Settings) -> dict[bytes, object]:
     """Every key of the run: ledgers, job sets, result buckets, generation history.
 
@@ -271,23 +229,24 @@ def test_the_same_job_delivered_twice_changes_nothing(
     with Fleet(fault_settings, tmp_path) as fleet:
         fleet.start_gateway()
         batches = submit_batches(fleet.base_url, 2)
-        messages = duplicate_queue(fault_settings)  # every job is in the queue twice
+        messages = read_queue(fault_settings, fault_settings.jobs_queue)
         fleet.start_workers()
         wait_complete(fault_settings, list(batches))
         wait_until(
-            lambda: sum(fleet.jobs_handled().values()) == 2 * len(messages),
+            lambda: sum(fleet.jobs_handled().values()) == len(messages),
             60,
-            "both copies of every job to be handled",
+            "every job to be handled once",
         )
-        before = snapshot(fault_settings)
-        # And once more, long after the batches completed and became current.
-        publish(fault_settings, {str(i): m for i, m in enumerate(messages)})
+        after_first = snapshot(fault_settings)
+        # Twice more, both copies of a job in the queue at once, after the batches
+        # completed and became current.
+        publish(fault_settings, messages * 2)
         wait_until(
             lambda: sum(fleet.jobs_handled().values()) == 3 * len(messages),
             60,
-            "the third copies to be handled",
+            "the 2nd and 3rd copies to be handled",
         )
-        after = snapshot(fault_settings)
+        after_more = snapshot(fault_settings)
         handled = fleet.jobs_handled()
     tally = check_invariant(fault_settings, batches)
     report_tally(
@@ -295,8 +254,13 @@ def test_the_same_job_delivered_twice_changes_nothing(
         tally,
         deliveries=sum(handled.values()),
         jobs=len(messages),
-        keys_changed=sum(1 for k in before.keys() | after.keys() if before.get(k) != after.get(k)),
+        keys_changed=sum(
+            1
+            for k in after_first.keys() | after_more.keys()
+            if after_first.get(k) != after_more.get(k)
+        ),
     )
     assert_invariant(tally)
     assert set(handled.values()) == {3}
-    assert after == before
+    assert after_first, "the snapshot holds the run's keys"
+    assert after_more == after_first

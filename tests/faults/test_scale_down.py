@@ -9,17 +9,11 @@ from pathlib import Path
 import pytest
 
 from recfleet.shared.settings import Settings
-from tests.faults import (
-    Fleet,
-    assert_invariant,
-    check_invariant,
-    progress,
-    report_tally,
-    submit_batches,
-    wait_complete,
-    wait_fraction,
-)
-from tests.faults.conftest import free_ports
+from tests.support.batches import progress, submit_batches, wait_complete, wait_fraction
+from tests.support.fleet import Fleet
+from tests.support.invariants import assert_invariant, check_invariant
+from tests.support.net import free_ports
+from tests.support.reports import report_tally
 
 pytestmark = pytest.mark.faults
 

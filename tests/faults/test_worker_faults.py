@@ -9,27 +9,18 @@ from pathlib import Path
 import pytest
 
 from recfleet.shared.settings import Settings
-from tests.faults import (
-    Fleet,
-    assert_invariant,
-    check_invariant,
-    progress,
-    report_tally,
-    submit_batches,
-    wait_complete,
-    wait_fraction,
-    wait_until,
-)
+from tests.support.batches import progress, under_way, wait_complete
+from tests.support.fleet import Fleet
+from tests.support.invariants import assert_invariant, check_invariant
+from tests.support.polling import wait_until
+from tests.support.reports import report_tally
 
 pytestmark = pytest.mark.faults
 
 
 def test_kill_9_a_worker_mid_job(fault_settings: Settings, tmp_path: Path) -> None:
     with Fleet(fault_settings, tmp_path) as fleet:
-        fleet.start_gateway()
-        fleet.start_workers()
-        batches = submit_batches(fleet.base_url, 25)
-        wait_fraction(fault_settings, list(batches), 0.1)
+        batches, _ = under_way(fleet)
         victim = fleet.worker_children()[0]
         os.kill(victim, signal.SIGKILL)
         wait_complete(fault_settings, list(batches))
@@ -57,10 +48,7 @@ def test_sigterm_drains_the_job_in_hand_and_requeues_the_rest(
     fault_settings: Settings, tmp_path: Path
 ) -> None:
     with Fleet(fault_settings, tmp_path) as fleet:
-        fleet.start_gateway()
-        fleet.start_workers()
-        batches = submit_batches(fleet.base_url, 25)
-        wait_fraction(fault_settings, list(batches), 0.1)
+        batches, _ = under_way(fleet)
         # As an orchestrator stops a pod: SIGTERM to the supervisor, which tells each worker.
         exit_code = fleet.stop_workers(signal.SIGTERM, timeout=60)
         stopped_at = progress(fault_settings, list(batches))

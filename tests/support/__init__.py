@@ -1,0 +1,1 @@
+"""Helpers the tests share: settings, private services, fleets, batches, the invariant."""
