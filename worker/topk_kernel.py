@@ -28,7 +28,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 _FASTMATH = {"reassoc", "contract"}
-_AHEAD = 4  # candidates ahead whose rows are prefetched
+_AHEAD = 8  # candidates ahead whose rows are prefetched (4: -30 %, 16: no better)
 
 
 @intrinsic
