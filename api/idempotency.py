@@ -29,12 +29,16 @@ class IdempotencyStore:
 
     The client's key is hashed before it becomes part of a Redis key, and the stored
     entry remembers a hash of the body, so a key reused for another body is refused.
+    A request in progress holds the key as a lease of ``lease_s`` seconds (a few publish
+    timeouts): a gateway that dies mid-request leaves a claim that expires on its own, so
+    the client's retry runs afresh instead of meeting "still running" for a day.
     """
 
-    def __init__(self, redis: Redis, prefix: str, window_s: int) -> None:
+    def __init__(self, redis: Redis, prefix: str, window_s: int, lease_s: float) -> None:
         self.redis = redis
         self.keys = Keys(prefix)
         self.window_s = window_s
+        self.lease_ms = max(int(lease_s * 1000), 1)
 
     def _key(self, key: str) -> str:
         return self.keys.idempotency(digest(key))
@@ -50,7 +54,7 @@ class IdempotencyStore:
             rkey,
             orjson.dumps({"state": "pending", "body": body_digest}),
             nx=True,
-            ex=self.window_s,
+            px=self.lease_ms,
         )
         if claimed:
             return None

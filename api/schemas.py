@@ -2,17 +2,84 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+import itertools
+import operator
+from typing import Annotated, Any, NoReturn
 
-from recfleet.shared.messages import ID_PATTERN, UserId
+import numpy as np
+from fastapi import Path
+from pydantic import BaseModel, BeforeValidator, Field, PlainValidator
+from pydantic_core import PydanticCustomError
+
+from recfleet.shared.messages import ID_PATTERN, MAX_USER_ID, ClosedModel, UserId
 
 
-class UserIdsRequest(BaseModel):
+def check_user_ids(value: Any) -> list[int]:
+    """The ids, or ONE error naming the first bad element.
+
+    C-speed passes only (a map over the element types, then numpy over the values), so a
+    body of a million ids, good or bad, costs a few milliseconds and never a
+    per-element error record. Replaces pydantic's item validation, which would record
+    an error per bad element and cost ten times as much on a good list.
+    """
+    if not isinstance(value, list):
+        raise PydanticCustomError("list_type", "Input should be a valid list")
+    if not value:
+        raise PydanticCustomError("too_short", "List should have at least 1 item, not 0")
+    if type(value[0]) is not int:  # a list of junk is refused without a pass over it
+        raise PydanticCustomError("int_type", "user_ids[0]: Input should be a valid integer")
+    types = list(map(type, value))
+    if types.count(int) != len(types):
+        first = list(map(operator.is_not, types, itertools.repeat(int))).index(True)
+        raise PydanticCustomError(
+            "int_type", "user_ids[{i}]: Input should be a valid integer", {"i": first}
+        )
+    try:
+        ids = np.fromiter(value, dtype=np.int64, count=len(value))
+    except OverflowError:  # beyond 64 bits either way: find the first, once
+        first = next(i for i, uid in enumerate(value) if not -(2**63) <= uid <= MAX_USER_ID)
+        _out_of_range(first, value[first])
+    negative = np.flatnonzero(ids < 0)
+    if len(negative):
+        _out_of_range(int(negative[0]), -1)
+    return value
+
+
+def _out_of_range(i: int, uid: int) -> NoReturn:
+    if uid < 0:
+        raise PydanticCustomError(
+            "greater_than_equal",
+            "user_ids[{i}]: Input should be greater than or equal to 0",
+            {"i": i},
+        )
+    raise PydanticCustomError(
+        "less_than_equal",
+        "user_ids[{i}]: Input should be less than or equal to {max}",
+        {"i": i, "max": MAX_USER_ID},
+    )
+
+
+def strict_digits(value: Any) -> Any:
+    """A path id is ASCII digits and nothing else: ``5.0``, ``+5``, `` 5``, ``5_0`` and
+    other digit scripts are refused, where int() would take them."""
+    if isinstance(value, str) and not (value.isascii() and value.isdigit() and len(value) < 20):
+        raise PydanticCustomError("int_parsing", "Input should be a whole number in ASCII digits")
+    return value
+
+
+UserIdPath = Annotated[int, BeforeValidator(strict_digits), Path(ge=0, le=MAX_USER_ID)]
+
+
+class UserIdsRequest(ClosedModel):
     """A list of user ids. Integers only (no strings, floats or booleans), 0 ≤ id < 2**63."""
 
-    model_config = ConfigDict(extra="forbid")
-
-    user_ids: list[UserId] = Field(min_length=1, description="user ids to rank")
+    user_ids: Annotated[
+        list[int],
+        PlainValidator(
+            check_user_ids,
+            json_schema_input_type=Annotated[list[UserId], Field(min_length=1)],
+        ),
+    ] = Field(description="user ids to rank")
 
 
 class BatchRequest(UserIdsRequest):

@@ -10,6 +10,7 @@ from typing import Any
 
 import click
 
+from recfleet.cli.bench_hostile import bench_hostile
 from recfleet.cli.bench_reads import bench_reads
 from recfleet.cli.bench_store import bench_store
 from recfleet.cli.client import console
@@ -169,3 +170,4 @@ def bench_fleet(
 
 bench.add_command(bench_store)
 bench.add_command(bench_reads)
+bench.add_command(bench_hostile)

@@ -18,7 +18,13 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+from recfleet.shared.settings import Settings
+
 console = Console(stderr=True)
+# How long a request keyed by Idempotency-Key is retried while the gateway says an earlier
+# attempt with the same key is "still running": longer than the gateway's lease on the key
+# (a few publish timeouts), so a retry after a gateway crash gets through.
+STILL_RUNNING_RETRY_S = 120.0
 
 
 class GatewayError(Exception):
@@ -38,26 +44,51 @@ def chunks(ids: Sequence[int], size: int) -> Iterable[Sequence[int]]:
         yield ids[i : i + size]
 
 
-def _post(client: httpx.Client, path: str, expect: int, **kwargs: object) -> dict:
-    """POST, retrying 429/503 (as Retry-After says) and network errors a few times.
+def auth_headers(settings: Settings) -> dict[str, str]:
+    """The bearer key of ``RECFLEET_API_KEY``, if one is set."""
+    key = settings.api_key
+    return {"Authorization": f"Bearer {key.get_secret_value()}"} if key else {}
+
+
+def _still_running(resp: httpx.Response) -> bool:
+    return resp.status_code == 409 and "still running" in resp.text
+
+
+def _post(
+    client: httpx.Client,
+    path: str,
+    expect: int,
+    *,
+    still_running_for_s: float = STILL_RUNNING_RETRY_S,
+    **kwargs: object,
+) -> dict:
+    """POST, retrying 429/503 (as Retry-After says) and network errors a few times, and a
+    ``409 ... still running`` (an earlier attempt holds the Idempotency-Key) with back-off
+    for up to ``still_running_for_s``.
 
     Raises GatewayError naming the status and the gateway's reason.
     """
-    for attempt in range(5):
+    attempt, backoff = 0, 0.5
+    give_up_at = time.monotonic() + still_running_for_s
+    while True:
+        attempt += 1
         try:
             resp = client.post(path, **kwargs)  # type: ignore[arg-type]
         except httpx.HTTPError as exc:
-            if attempt == 4:
+            if attempt >= 5:
                 raise GatewayError(f"gateway unreachable at {client.base_url}: {exc}") from exc
-            time.sleep(1 + attempt)
+            time.sleep(attempt)
             continue
         if resp.status_code == expect:
             return dict(resp.json())
-        if resp.status_code in (429, 503) and attempt < 4:
-            time.sleep(float(resp.headers.get("Retry-After", 1 + attempt)))
+        if resp.status_code in (429, 503) and attempt < 5:
+            time.sleep(float(resp.headers.get("Retry-After", attempt)))
+            continue
+        if _still_running(resp) and time.monotonic() + backoff < give_up_at:
+            time.sleep(backoff)
+            backoff = min(backoff * 2, 10.0)
             continue
         raise GatewayError(f"gateway answered {resp.status_code}: {resp.text[:500]}")
-    raise AssertionError("unreachable")
 
 
 def submit(client: httpx.Client, user_ids: Sequence[int], chunk: int) -> Submitted:

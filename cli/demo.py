@@ -10,7 +10,7 @@ import httpx
 import psycopg
 from rich.table import Table
 
-from recfleet.cli.client import GatewayError, console, submit, wait
+from recfleet.cli.client import GatewayError, auth_headers, console, submit, wait
 from recfleet.cli.context import pass_settings
 from recfleet.cli.fleet import FleetError, LocalFleet
 from recfleet.shared.artifacts import current_dir, read_manifest
@@ -67,7 +67,9 @@ def demo(s: Settings, users: int, playlists: int, processes: int, logs: Path) ->
                 f"{processes} worker processes; logs in {logs}/"
             )
             fleet.wait_workers_consuming()
-            with httpx.Client(base_url=fleet.base_url, timeout=120) as client:
+            with httpx.Client(
+                base_url=fleet.base_url, timeout=120, headers=auth_headers(s)
+            ) as client:
                 start = time.perf_counter()
                 sub = submit(client, list(range(n_users)), s.max_users_per_request)
                 console.print(

@@ -18,6 +18,7 @@ import httpx
 import numpy as np
 import psycopg
 
+from recfleet.cli.client import auth_headers
 from recfleet.cli.context import api_url_option, pass_settings
 from recfleet.cli.db import database_url_option, resolve_database_url
 from recfleet.cli.simulation import Arm, World, visit
@@ -157,7 +158,7 @@ def simulate(
     arms: dict[str, Arm] = defaultdict(Arm)
     missing = 0
     url = api_url or settings.api_url
-    with httpx.Client(base_url=url, timeout=30) as client:
+    with httpx.Client(base_url=url, timeout=30, headers=auth_headers(settings)) as client:
         try:
             for user_id in chosen.tolist():
                 missing += not visit(client, world, int(user_id), rng, draws, arms)

@@ -14,6 +14,7 @@ from pathlib import Path
 from types import TracebackType
 
 import httpx
+from pydantic import SecretStr
 
 from recfleet.shared.settings import Settings
 
@@ -29,10 +30,13 @@ def settings_env(settings: Settings) -> dict[str, str]:
     """The environment that hands ``settings`` to a child process."""
     env = dict(os.environ)
     for name, value in settings.model_dump(mode="json").items():
-        if value is None:
+        raw = getattr(settings, name)
+        if raw is None:
             # An unset optional setting (a shard, a replica count): unset in the child too.
             env.pop(f"RECFLEET_{name.upper()}", None)
             continue
+        if isinstance(raw, SecretStr):  # dumped masked; the child needs the secret
+            value = raw.get_secret_value()
         env[f"RECFLEET_{name.upper()}"] = (
             str(value).lower() if isinstance(value, bool) else str(value)
         )
@@ -111,7 +115,11 @@ class LocalFleet:
         if self.processes:
             self.start_workers(wait_consuming=False)
         if self.with_api:
-            self.start_gateway()
+            try:
+                self.start_gateway()
+            except BaseException:  # stop the workers too: __exit__ will not run
+                self.__exit__(None, None, None)
+                raise
         return self
 
     def start_gateway(self, *, wait_ready: bool = True, timeout: float = 60) -> None:

@@ -15,6 +15,7 @@ from recfleet.cli.dlq import dlq
 from recfleet.cli.drift import drift
 from recfleet.cli.feedback import feedback
 from recfleet.cli.generations import generations
+from recfleet.cli.keys import keys
 from recfleet.cli.schedule import schedule
 from recfleet.cli.serve import api, worker
 from recfleet.cli.submit import status, submit_cmd
@@ -39,6 +40,7 @@ for command in (
     drift,
     db,
     feedback,
+    keys,
 ):
     cli.add_command(command)
 

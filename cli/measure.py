@@ -10,7 +10,7 @@ import httpx
 import pika
 import redis
 
-from recfleet.cli.client import submit, wait
+from recfleet.cli.client import auth_headers, submit, wait
 from recfleet.cli.fleet import LocalFleet
 from recfleet.shared.generations import unlink_matching
 from recfleet.shared.settings import Settings
@@ -55,7 +55,9 @@ def measure(
     """
     with LocalFleet(settings, processes, log_dir) as fleet:
         fleet.wait_workers_consuming()
-        with httpx.Client(base_url=fleet.base_url, timeout=120) as client:
+        with httpx.Client(
+            base_url=fleet.base_url, timeout=120, headers=auth_headers(settings)
+        ) as client:
             start = time.perf_counter()
             sub = submit(client, user_ids, settings.max_users_per_request)
             statuses = wait(client, sub.batch_ids, sub.users, show=show)

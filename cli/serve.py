@@ -18,18 +18,11 @@ from recfleet.shared.settings import Settings
 @pass_settings
 def api(s: Settings, host: str | None, port: int | None) -> None:
     """Run the HTTP gateway."""
-    import uvicorn
-
     from recfleet.api.app import create_app
+    from recfleet.api.limits import run_gateway
 
     configure_logging(s.log_level, s.log_json)
-    uvicorn.run(
-        create_app(s),
-        host=host or s.api_host,
-        port=port or s.api_port,
-        log_level=s.log_level.lower(),
-        access_log=False,
-    )
+    run_gateway(create_app(s), s, host or s.api_host, port or s.api_port)
 
 
 @click.command()

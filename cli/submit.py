@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 import httpx
 
-from recfleet.cli.client import GatewayError, batch_status, console, submit, wait
+from recfleet.cli.client import GatewayError, auth_headers, batch_status, console, submit, wait
 from recfleet.cli.context import api_url_option, pass_settings
 from recfleet.shared.errors import ArtifactError
 from recfleet.shared.settings import Settings
@@ -66,7 +66,9 @@ def submit_cmd(
     if bool(users_file) == all_users:
         raise click.UsageError("give either USERS_FILE or --all")
     ids = all_user_ids(s) if users_file is None else read_ids(users_file)
-    with httpx.Client(base_url=api_url or s.api_url, timeout=120) as client:
+    with httpx.Client(
+        base_url=api_url or s.api_url, timeout=120, headers=auth_headers(s)
+    ) as client:
         try:
             sub = submit(client, ids, min(chunk, s.max_users_per_request))
             console.print(
@@ -98,7 +100,7 @@ def submit_cmd(
 @pass_settings
 def status(s: Settings, batch_id: str, api_url: str | None, failed: bool) -> None:
     """Show a batch's progress."""
-    with httpx.Client(base_url=api_url or s.api_url, timeout=30) as client:
+    with httpx.Client(base_url=api_url or s.api_url, timeout=30, headers=auth_headers(s)) as client:
         try:
             st = batch_status(client, batch_id, failed_users=failed)
         except GatewayError as exc:

@@ -30,6 +30,7 @@ class RecfleetError(Exception):
 
     status_code: ClassVar[int] = 500
     transient: ClassVar[bool] = False
+    headers: ClassVar[dict[str, str]] = {}
 
     @property
     def detail(self) -> str:

@@ -28,17 +28,15 @@ from uuid import UUID
 
 import numpy as np
 import psycopg
-from pydantic import BaseModel, ConfigDict, Field, StrictInt
+from pydantic import BaseModel, Field, StrictInt
 
-from recfleet.shared.messages import MAX_USER_ID, UserId
+from recfleet.shared.messages import MAX_USER_ID, ClosedModel, UserId
 
 PlaylistId = Annotated[StrictInt, Field(ge=0, le=MAX_USER_ID)]
 
 
-class ImpressionRequest(BaseModel):
+class ImpressionRequest(ClosedModel):
     """Show this user their current list and record that it was shown."""
-
-    model_config = ConfigDict(extra="forbid")
 
     user_id: UserId
 
@@ -56,11 +54,9 @@ class Impression(BaseModel):
     shown_at: datetime
 
 
-class LikeRequest(BaseModel):
+class LikeRequest(ClosedModel):
     """A like of one shown playlist. ``like_id`` is chosen by the client: a retry with the
     same id is recorded once."""
-
-    model_config = ConfigDict(extra="forbid")
 
     like_id: UUID
     impression_id: UUID

@@ -12,6 +12,8 @@ A ledger is the hash ``P:b:{<batch_id>}`` (shared.keys). Fields:
     gen_state gen_reason activated_at       the batch as a generation (shared.generations)
     model_version           pinned by the first job, so a generation never mixes versions
     publish_failed          why the broker refused some of its jobs
+    publishing publish_lease_until   gateway requests publishing into it now, and when
+                            the latest one's lease ends (a count left past it: a dead gateway)
 """
 
 from __future__ import annotations

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Annotated
+from typing import Annotated, Any
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, model_validator
+from pydantic_core import PydanticCustomError
 
 from recfleet.shared.errors import UndecodableMessage
 
@@ -22,6 +23,32 @@ MAX_CREATED_AT = 2**32 - 1
 ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
 
 UserId = Annotated[StrictInt, Field(ge=0, le=MAX_USER_ID)]
+SHOWN_NAME = 64  # characters of an unknown field's name an error shows
+
+
+class ClosedModel(BaseModel):
+    """A request body with a fixed set of fields.
+
+    Unknown and missing fields are refused with ONE error before any field is validated,
+    so a body of a million unknown keys costs one pass over its keys, not a million
+    error records.
+    """
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_fields(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        fields = cls.model_fields
+        unknown = next((str(name) for name in data if name not in fields), None)
+        missing = [n for n, f in fields.items() if f.is_required() and n not in data]
+        problems = [f"Extra inputs are not permitted: {unknown[:SHOWN_NAME]!r}"] if unknown else []
+        problems += [f"Field required: {name!r}" for name in missing]
+        if problems:
+            raise PydanticCustomError("fields", "{problems}", {"problems": "; ".join(problems)})
+        return data
 
 
 class Job(BaseModel):

@@ -11,6 +11,7 @@ from pydantic import (
     Field,
     PostgresDsn,
     RedisDsn,
+    SecretStr,
     TypeAdapter,
     field_validator,
     model_validator,
@@ -77,6 +78,25 @@ class Settings(BaseSettings):
 
     api_host: str = "127.0.0.1"
     api_port: int = Field(default=8000, ge=1, le=65535)
+    # The gateway's /metrics on a port of its own (0: none), for Prometheus on the private
+    # network; on the public port /metrics needs an operator key.
+    api_metrics_port: int = Field(default=0, ge=0, le=65535)
+
+    # Authentication (api/auth.py). The gateway's keys: entries name:sha256-hex:role+role,
+    # comma or newline separated, here and/or in a file (a mounted Secret).
+    api_keys: SecretStr = SecretStr("")
+    api_keys_file: Path | None = None
+    # The key the CLI, the demo and the scheduler send (Authorization: Bearer).
+    api_key: SecretStr | None = None
+    # Signs the feedback page's tokens; every gateway replica needs the same one.
+    page_secret: SecretStr | None = None
+
+    # Transport limits the gateway enforces itself (cli: recfleet api).
+    max_header_bytes: int = Field(default=16 * 1024, ge=1024)
+    header_timeout_s: float = Field(default=10.0, gt=0)
+    keep_alive_s: float = Field(default=5.0, gt=0)
+    body_timeout_s: float = Field(default=10.0, gt=0)
+    max_concurrency: int = Field(default=200, ge=1)
 
     log_json: bool = False
     log_level: str = "INFO"
@@ -128,6 +148,10 @@ class Settings(BaseSettings):
             problems.append("RECFLEET_REDIS_URL has no password")
         if not self.database_url.hosts()[0].get("password"):
             problems.append("RECFLEET_DATABASE_URL has no password")
+        if not self.api_keys.get_secret_value().strip() and self.api_keys_file is None:
+            problems.append("no API keys (RECFLEET_API_KEYS or RECFLEET_API_KEYS_FILE)")
+        if self.page_secret is None or len(self.page_secret.get_secret_value()) < 16:
+            problems.append("RECFLEET_PAGE_SECRET is missing or shorter than 16 characters")
         if problems:
             raise ValueError("refusing to start in production: " + "; ".join(problems))
         return self

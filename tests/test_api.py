@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import subprocess
+import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -10,13 +14,17 @@ import orjson
 import pika
 import pytest
 import redis
+from pydantic import RedisDsn
+from redis.asyncio import Redis as AsyncRedis
 
 from recfleet.api.app import create_app
+from recfleet.api.idempotency import IdempotencyStore, digest
 from recfleet.shared.codec import encode_results, model_tag
 from recfleet.shared.keys import Keys
 from recfleet.shared.messages import decode_job
 from recfleet.shared.settings import Settings
 from recfleet.shared.topology import HEADER_BATCH_ID, HEADER_USERS
+from tests.support.net import free_port
 
 
 @pytest.fixture
@@ -79,7 +87,9 @@ async def test_alias_used_by_the_client(client: httpx.AsyncClient) -> None:
         ({"user_ids": [1.5]}, "valid integer"),
         ({"user_ids": [True]}, "valid integer"),
         ({"user_ids": [-1]}, "greater than or equal to 0"),
-        ({"user_ids": [2**64]}, "less than or equal"),
+        ({"user_ids": [2**63]}, "less than or equal"),
+        # JSON integers beyond 64 bits parse as floats, which an id never is.
+        ({"user_ids": [2**64]}, "valid integer"),
         ({"user_ids": [[1]]}, "valid integer"),
         ({"users": [1]}, "user_ids"),
         ({"user_ids": [1], "extra": 1}, "Extra inputs"),
@@ -195,3 +205,142 @@ async def test_idempotency_key_returns_the_same_batch(
         "/beta_recommend", json={"user_ids": [3]}, headers={"Idempotency-Key": "a b"}
     )
     assert bad.status_code == 422
+
+
+async def test_idempotency_key_expires_after_its_window(settings: Settings) -> None:
+    headers = {"Idempotency-Key": "window-test"}
+    app = create_app(settings.model_copy(update={"idempotency_window_s": 1}))
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as c:
+            first = await c.post("/beta_recommend", json={"user_ids": [1]}, headers=headers)
+            other = await c.post("/beta_recommend", json={"user_ids": [2]}, headers=headers)
+            await asyncio.sleep(1.2)
+            later = await c.post("/beta_recommend", json={"user_ids": [2]}, headers=headers)
+    assert (first.status_code, other.status_code, later.status_code) == (202, 409, 202)
+    assert first.json()["batch_id"] != later.json()["batch_id"]
+
+
+async def test_idempotency_key_is_released_after_a_503(settings: Settings) -> None:
+    no_broker = settings.model_copy(
+        update={"amqp_url": f"amqp://guest:guest@127.0.0.1:{free_port()}/"}
+    )
+    headers = {"Idempotency-Key": "retry-after-503"}
+    app = create_app(no_broker)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as c:
+            answers = [
+                await c.post("/beta_recommend", json={"user_ids": [1]}, headers=headers)
+                for _ in range(2)
+            ]
+    for resp in answers:  # the second is not "409 still running": the key was released
+        assert resp.status_code == 503 and resp.headers["Retry-After"] == "5", resp.text
+        assert "not accepted" in resp.json()["detail"]
+
+
+async def test_a_claim_left_by_a_dead_gateway_is_a_lease_that_runs_out(
+    settings: Settings, redis_client: redis.Redis
+) -> None:
+    quick = settings.model_copy(update={"publish_timeout_s": 0.3})  # a lease of 0.9 s
+    headers = {"Idempotency-Key": "claimed-by-a-dead-gateway"}
+    # The claim a gateway makes before publishing, as it stays when that gateway dies.
+    store = IdempotencyStore(
+        AsyncRedis.from_url(str(settings.redis_url)), settings.redis_prefix, 3600, 0.9
+    )
+    assert await store.begin(headers["Idempotency-Key"], digest(b"[null,[1]]")) is None
+    await store.redis.aclose()
+    app = create_app(quick)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as c:
+            held = await c.post("/beta_recommend", json={"user_ids": [1]}, headers=headers)
+            await asyncio.sleep(1.0)
+            retried = await c.post("/beta_recommend", json={"user_ids": [1]}, headers=headers)
+    assert held.status_code == 409 and "still running" in held.text
+    assert retried.status_code == 202
+
+
+async def test_a_batch_whose_publisher_died_ends_failed_with_the_reason(
+    client: httpx.AsyncClient, settings: Settings, redis_client: redis.Redis
+) -> None:
+    accepted = await client.post("/beta_recommend", json={"user_ids": [1, 2]})
+    batch_id = accepted.json()["batch_id"]
+    ledger = Keys(settings.redis_prefix).batch(batch_id)
+    assert redis_client.hget(ledger, "publishing") == b"0"  # released once confirmed
+    # What a gateway killed between its ledger write and its confirms leaves behind.
+    redis_client.hset(ledger, mapping={"publishing": 1, "publish_lease_until": time.time() - 1})
+    status = (await client.get(f"/api/batches/{batch_id}")).json()
+    assert status["state"] == "failed" and status["gen_state"] == "rejected"
+    assert "stopped before the broker confirmed" in status["gen_reason"]
+
+
+async def test_reads_answer_503_while_redis_is_down(settings: Settings, tmp_path: Path) -> None:
+    port = free_port()
+    server = subprocess.Popen(
+        [
+            "redis-server",
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--dir",
+            str(tmp_path),
+        ],
+        stdout=subprocess.DEVNULL,
+    )
+    try:
+        private = settings.model_copy(update={"redis_url": RedisDsn(f"redis://127.0.0.1:{port}/0")})
+        app = create_app(private)
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as c:
+                deadline = time.monotonic() + 10
+                while (await c.get("/readyz")).json()["checks"]["redis"] is not True:
+                    assert time.monotonic() < deadline, "private redis-server did not start"
+                    await asyncio.sleep(0.05)
+                assert (await c.get("/api/playlist/7")).status_code == 404
+                server.terminate()
+                server.wait(timeout=10)
+                down = await c.get("/api/playlist/7")
+                status = await c.get("/api/batches/abc")
+    finally:
+        server.kill()
+        server.wait()
+    for resp in (down, status):
+        assert resp.status_code == 503 and resp.headers["Retry-After"] == "5"
+        assert resp.json() == {"detail": "Redis is unavailable; retry later"}
+
+
+@pytest.mark.parametrize(
+    ("override", "problem"),
+    [
+        ({"RECFLEET_REDIS_URL": "redis://redis:6379/0"}, "RECFLEET_REDIS_URL has no password"),
+        (
+            {"RECFLEET_DATABASE_URL": "postgresql://recfleet@db:5432/recfleet"},
+            "RECFLEET_DATABASE_URL has no password",
+        ),
+        ({"RECFLEET_AMQP_URL": "amqp://guest:guest@mq:5672/"}, "guest/guest"),
+        ({"RECFLEET_API_KEYS": ""}, "no API keys"),
+        ({"RECFLEET_PAGE_SECRET": "short"}, "RECFLEET_PAGE_SECRET"),
+    ],
+)
+def test_production_refuses_default_credentials_and_missing_keys(
+    monkeypatch: pytest.MonkeyPatch, override: dict[str, str], problem: str
+) -> None:
+    good = {
+        "RECFLEET_ENVIRONMENT": "production",
+        "RECFLEET_AMQP_URL": "amqp://recfleet:s3cret@mq:5672/",
+        "RECFLEET_REDIS_URL": "redis://:s3cret@redis:6379/0",
+        "RECFLEET_DATABASE_URL": "postgresql://recfleet:s3cret@db:5432/recfleet",
+        "RECFLEET_API_KEYS": f"ops:{'0' * 64}:operator",
+        "RECFLEET_PAGE_SECRET": "a-page-secret-of-enough-length",
+    }
+    for name, value in good.items():
+        monkeypatch.setenv(name, value)
+    assert Settings().environment == "production"
+    monkeypatch.setenv(*next(iter(override.items())))
+    with pytest.raises(ValueError, match=problem):
+        Settings()

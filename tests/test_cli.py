@@ -18,6 +18,7 @@ COMMANDS = {
     "demo",
     "dlq",
     "drift",
+    "keys",
     "feedback",
     "generations",
     "schedule",

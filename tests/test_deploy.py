@@ -388,7 +388,10 @@ def test_broker_timeout_covers_the_prefetch_window() -> None:
 def test_prometheus_and_grafana_are_provisioned_from_the_repository() -> None:
     config = read_yaml(ROOT / "deploy" / "prometheus" / "prometheus.yml")
     jobs = {job["job_name"]: job for job in config["scrape_configs"]}
-    assert jobs["gateway"]["static_configs"][0]["targets"] == ["gateway:8000"]
+    # The gateway's own metrics port, set in compose and kept off the published ports.
+    port = SERVICES["gateway"]["environment"]["RECFLEET_API_METRICS_PORT"]
+    assert jobs["gateway"]["static_configs"][0]["targets"] == [f"gateway:{port}"]
+    assert not any(port in p for p in SERVICES["gateway"]["ports"])
     discovery = jobs["worker"]["dns_sd_configs"][0]
     assert discovery == {
         "names": ["worker"],

@@ -241,7 +241,8 @@ async def test_a_like_of_a_playlist_not_shown_is_refused(
     shown = (await client.post("/api/impressions", json={"user_id": 42})).json()
     not_shown = await client.post("/api/feedback", json=like_body(shown, 1))
     assert not_shown.status_code == 422
-    assert not_shown.json()["detail"].startswith("playlist 1 was not shown to user 42")
+    (error,) = not_shown.json()["detail"]
+    assert error["msg"].startswith("playlist 1 was not shown to user 42")
     other_user = await client.post("/api/feedback", json={**like_body(shown, 7), "user_id": 43})
     assert other_user.status_code == 422 and "was not shown to user 43" in other_user.text
     unknown = await client.post(

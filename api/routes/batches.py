@@ -4,17 +4,21 @@ follow progress. Every batch is a generation of results, made current when compl
 from __future__ import annotations
 
 import logging
-from typing import Annotated
+import time
+from dataclasses import replace
+from typing import Annotated, Any
 
 import numpy as np
 import orjson
-from fastapi import APIRouter, Header, HTTPException, Path, Query, status
+from fastapi import APIRouter, Header, HTTPException, Path, Query, Security, status
 from redis.asyncio import Redis
 
 from recfleet.api import metrics
+from recfleet.api.auth import Role, require
 from recfleet.api.broker import Publisher, PublishFailed
 from recfleet.api.deps import KeysDep, PublisherDep, RedisDep, ResultsDep, SettingsDep
 from recfleet.api.idempotency import KEY_PATTERN, IdempotencyStore, digest
+from recfleet.api.limits import OrjsonRoute
 from recfleet.api.schemas import BatchAccepted, BatchOpened, BatchRequest, BatchStatus, Problem
 from recfleet.shared.generations import finalize_steps, run_steps_async
 from recfleet.shared.keys import Keys
@@ -23,6 +27,7 @@ from recfleet.shared.ledger import (
     APPEND_SCRIPT,
     APPEND_SEALED,
     SEAL_SCRIPT,
+    BatchState,
     GenState,
     LedgerStatus,
     new_batch_fields,
@@ -31,9 +36,19 @@ from recfleet.shared.messages import ID_PATTERN, Job, make_jobs, new_id
 from recfleet.shared.settings import Settings
 
 log = logging.getLogger(__name__)
-router = APIRouter(tags=["batches"])
+router = APIRouter(tags=["batches"], route_class=OrjsonRoute)
 BatchId = Annotated[str, Path(pattern=ID_PATTERN)]
 MAX_FAILED_USERS = 100_000
+PUBLISH_LEASE_FACTOR = 3
+PUBLISHER_DIED = "publish: the gateway stopped before the broker confirmed every job"
+SUBMIT = [Security(require(Role.SUBMIT))]
+READ = [Security(require(Role.READ))]
+
+
+def publish_lease_s(s: Settings) -> float:
+    """How long one request may take to publish its jobs before it counts as dead: the
+    Idempotency-Key's claim and the batch's publishing lease."""
+    return PUBLISH_LEASE_FACTOR * s.publish_timeout_s
 
 
 def unique_in_order(user_ids: list[int]) -> list[int]:
@@ -45,6 +60,7 @@ def unique_in_order(user_ids: list[int]) -> list[int]:
     "/api/playlist/beta_recommend/",
     status_code=status.HTTP_202_ACCEPTED,
     response_model=BatchAccepted,
+    dependencies=SUBMIT,
     responses={
         404: {"model": Problem},
         409: {"model": Problem},
@@ -78,7 +94,7 @@ async def submit_batch(
         )
     if idempotency_key is None:
         return await _queue(body, s, redis, keys, publisher)
-    store = IdempotencyStore(redis, s.redis_prefix, s.idempotency_window_s)
+    store = IdempotencyStore(redis, s.redis_prefix, s.idempotency_window_s, publish_lease_s(s))
     body_digest = digest(orjson.dumps([body.batch_id, body.user_ids]))
     earlier = await store.begin(idempotency_key, body_digest)
     if earlier is not None:
@@ -99,6 +115,7 @@ router.add_api_route(
     methods=["POST"],
     status_code=status.HTTP_202_ACCEPTED,
     response_model=BatchAccepted,
+    dependencies=SUBMIT,
     include_in_schema=False,
 )
 
@@ -119,6 +136,7 @@ async def _queue(
         # The ledger exists before the first job can finish, so no progress is lost.
         async with redis.pipeline(transaction=True) as pipe:
             pipe.hset(ledger, mapping=new_batch_fields(n_jobs, len(user_ids)))  # type: ignore[arg-type]
+            _hold_publish_lease(pipe, ledger, s)
             pipe.expire(ledger, s.batch_ttl_s)
             await pipe.execute()
     else:
@@ -129,6 +147,9 @@ async def _queue(
             raise HTTPException(status.HTTP_404_NOT_FOUND, f"no batch {batch_id}")
         if first == APPEND_SEALED:
             raise HTTPException(status.HTTP_409_CONFLICT, f"batch {batch_id} is sealed")
+        async with redis.pipeline(transaction=True) as pipe:
+            _hold_publish_lease(pipe, ledger, s)
+            await pipe.execute()
     jobs = make_jobs(batch_id, user_ids, s.job_size, first_index=first)
     try:
         await publisher.publish_jobs(jobs)
@@ -136,6 +157,8 @@ async def _queue(
         await _undo(redis, ledger, exc.failed, exc.reason, whole_batch=body.batch_id is None)
         metrics.PUBLISH_FAILURES.labels(exc.reason).inc()
         raise
+    finally:
+        await redis.hincrby(ledger, "publishing", -1)
     metrics.JOBS_PUBLISHED.inc(len(jobs))
     metrics.USERS_PUBLISHED.inc(len(user_ids))
     metrics.BATCHES_ACCEPTED.inc()
@@ -145,6 +168,19 @@ async def _queue(
         users=len(user_ids),
         duplicates=len(body.user_ids) - len(user_ids),
     )
+
+
+def _hold_publish_lease(pipe: Any, ledger: str, s: Settings) -> None:
+    """Count one request publishing into ``ledger`` and push its lease's end out. A
+    count left above zero past the lease means a gateway died mid-publish."""
+    pipe.hincrby(ledger, "publishing", 1)
+    pipe.hset(ledger, "publish_lease_until", f"{time.time() + publish_lease_s(s):.3f}")
+
+
+def _publisher_died(fields: dict[Any, Any]) -> bool:
+    publishing = int(fields.get(b"publishing", 0))
+    lease = float(fields.get(b"publish_lease_until", 0))
+    return publishing > 0 and lease < time.time()
 
 
 async def _undo(
@@ -167,7 +203,12 @@ async def _undo(
         await pipe.execute()
 
 
-@router.post("/api/batches", status_code=status.HTTP_201_CREATED, response_model=BatchOpened)
+@router.post(
+    "/api/batches",
+    status_code=status.HTTP_201_CREATED,
+    response_model=BatchOpened,
+    dependencies=SUBMIT,
+)
 async def open_batch(s: SettingsDep, redis: RedisDep, keys: KeysDep) -> BatchOpened:
     """Open a batch that several requests append users to; seal it when all are in."""
     batch_id = new_id()
@@ -180,7 +221,10 @@ async def open_batch(s: SettingsDep, redis: RedisDep, keys: KeysDep) -> BatchOpe
 
 
 @router.post(
-    "/api/batches/{batch_id}/seal", response_model=BatchStatus, responses={404: {"model": Problem}}
+    "/api/batches/{batch_id}/seal",
+    response_model=BatchStatus,
+    dependencies=SUBMIT,
+    responses={404: {"model": Problem}},
 )
 async def seal_batch(
     batch_id: BatchId, s: SettingsDep, redis: RedisDep, keys: KeysDep, results: ResultsDep
@@ -194,7 +238,10 @@ async def seal_batch(
 
 
 @router.get(
-    "/api/batches/{batch_id}", response_model=BatchStatus, responses={404: {"model": Problem}}
+    "/api/batches/{batch_id}",
+    response_model=BatchStatus,
+    dependencies=READ,
+    responses={404: {"model": Problem}},
 )
 async def get_batch(
     batch_id: BatchId,
@@ -214,11 +261,18 @@ async def get_batch(
     fields = await redis.hgetall(ledger)
     if not fields:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"no batch {batch_id}")
+    if _publisher_died(fields) and fields.get(b"gen_state") == GenState.PENDING.value.encode():
+        # Its jobs can never all arrive: the batch ends failed and never becomes current.
+        rejected = {"gen_state": GenState.REJECTED.value, "gen_reason": PUBLISHER_DIED}
+        await redis.hset(ledger, mapping=rejected)  # type: ignore[arg-type]
+        fields = await redis.hgetall(ledger)
     ledger_status = LedgerStatus.parse(batch_id, fields)
     if ledger_status.finished and ledger_status.gen_state == GenState.PENDING:
         await run_steps_async(redis, finalize_steps(batch_id, s, keys))
         results.generations.invalidate()
         ledger_status = LedgerStatus.parse(batch_id, await redis.hgetall(ledger))
+    if _publisher_died(fields):
+        ledger_status = replace(ledger_status, state=BatchState.FAILED)
     doc = ledger_status.document()
     if failed_users:
         packed = await redis.hvals(keys.batch_dead_users(batch_id))

@@ -28,18 +28,20 @@ from typing import Annotated, Any, Literal, cast
 from urllib.parse import quote, unquote, urlsplit
 
 import httpx
-from fastapi import APIRouter, HTTPException, Path, Query, status
+from fastapi import APIRouter, HTTPException, Path, Query, Security, status
 from pydantic import BaseModel, Field
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from recfleet.api import metrics
+from recfleet.api.auth import Role, require
 from recfleet.api.deps import KeysDep, RedisDep
+from recfleet.api.limits import OrjsonRoute
 from recfleet.api.schemas import Problem
 from recfleet.shared.drift import chi_square, cold_fraction
 from recfleet.shared.keys import Keys
 from recfleet.shared.ledger import LedgerStatus
-from recfleet.shared.messages import ID_PATTERN
+from recfleet.shared.messages import ID_PATTERN, ClosedModel
 from recfleet.shared.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -53,6 +55,8 @@ MANAGEMENT_PORT = 15672
 STATES = ("running", "done", "failed")
 FINISHED = ("done", "failed")
 BatchId = Annotated[str, Path(pattern=ID_PATTERN)]
+READ = [Security(require(Role.READ))]
+OPERATOR = [Security(require(Role.OPERATOR))]
 
 
 class BatchCounts(BaseModel):
@@ -82,7 +86,7 @@ class DriftReport(BaseModel):
     chi_square: ChiSquareResult | None = Field(description="null without a usable reference")
 
 
-class PinnedReference(BaseModel):
+class PinnedReference(ClosedModel):
     batch_id: str | None = Field(default=None, pattern=ID_PATTERN)
 
 
@@ -161,12 +165,13 @@ async def resolve_reference(
     return previous, "previous" if previous else None
 
 
-router = APIRouter(tags=["drift"])
+router = APIRouter(tags=["drift"], route_class=OrjsonRoute)
 
 
 @router.get(
     "/api/batches/{batch_id}/drift",
     response_model=DriftReport,
+    dependencies=READ,
     responses={404: {"model": Problem}},
 )
 async def get_drift(
@@ -185,7 +190,7 @@ async def get_drift(
     return drift_report(batch_counts(batch_id, fields), ref, source)
 
 
-@router.get("/api/drift/reference", response_model=PinnedReference)
+@router.get("/api/drift/reference", response_model=PinnedReference, dependencies=READ)
 async def get_pinned_reference(redis: RedisDep, keys: KeysDep) -> PinnedReference:
     """The batch pinned as drift reference, if any."""
     pinned = await redis.get(keys.drift_reference)
@@ -193,7 +198,10 @@ async def get_pinned_reference(redis: RedisDep, keys: KeysDep) -> PinnedReferenc
 
 
 @router.put(
-    "/api/drift/reference", response_model=PinnedReference, responses={404: {"model": Problem}}
+    "/api/drift/reference",
+    response_model=PinnedReference,
+    dependencies=OPERATOR,
+    responses={404: {"model": Problem}},
 )
 async def pin_reference(body: PinnedReference, redis: RedisDep, keys: KeysDep) -> PinnedReference:
     """Pin a batch as the reference of every later drift test (until its ledger expires)."""
@@ -204,7 +212,9 @@ async def pin_reference(body: PinnedReference, redis: RedisDep, keys: KeysDep) -
     return body
 
 
-@router.delete("/api/drift/reference", status_code=status.HTTP_204_NO_CONTENT)
+@router.delete(
+    "/api/drift/reference", status_code=status.HTTP_204_NO_CONTENT, dependencies=OPERATOR
+)
 async def unpin_reference(redis: RedisDep, keys: KeysDep) -> None:
     """Go back to comparing each batch with the one that finished before it."""
     await redis.delete(keys.drift_reference)

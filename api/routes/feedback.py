@@ -1,15 +1,30 @@
-"""Feedback: record the list a user is shown (an impression) and the playlist they like."""
+"""Feedback: record the list a user is shown (an impression) and the playlist they like.
+
+Callers: a key with the ``feedback`` role, or the page at ``/`` with its tokens (see
+``api/auth.py``): the page token lets it record impressions, and each impression answers
+with a like token (header ``X-Like-Token``) that lets the page like that impression only.
+"""
 
 from __future__ import annotations
 
 from fastapi import APIRouter, HTTPException, Response, status
 
+from recfleet.api.auth import (
+    LIKE_TOKEN_HEADER,
+    LIKE_TOKEN_TTL_S,
+    FeedbackCallerDep,
+    GuardDep,
+    check_page,
+    like_scope,
+    page_scope,
+)
 from recfleet.api.db import FAILURES, DatabaseUnavailable, LikeConflict, LikeRefused
 from recfleet.api.deps import DatabaseDep, ResultsDep
+from recfleet.api.limits import OrjsonRoute
 from recfleet.api.schemas import Problem
 from recfleet.shared.feedback import Impression, ImpressionRequest, Like, LikeRequest
 
-router = APIRouter(tags=["feedback"])
+router = APIRouter(tags=["feedback"], route_class=OrjsonRoute)
 
 
 @router.post(
@@ -19,7 +34,12 @@ router = APIRouter(tags=["feedback"])
     responses={404: {"model": Problem}, 503: {"model": Problem}},
 )
 async def record_impression(
-    body: ImpressionRequest, db: DatabaseDep, results: ResultsDep
+    body: ImpressionRequest,
+    response: Response,
+    caller: FeedbackCallerDep,
+    guard: GuardDep,
+    db: DatabaseDep,
+    results: ResultsDep,
 ) -> Impression:
     """Show a user their current recommendations and record the impression.
 
@@ -27,6 +47,7 @@ async def record_impression(
     what was really served. 404 when the user has no result yet; 503 (nothing recorded)
     when PostgreSQL is unavailable.
     """
+    check_page(guard, caller, page_scope(), "the page token is invalid or expired; reload")
     result = await results.read(body.user_id)
     if result is None:
         FAILURES.labels("no_result").inc()
@@ -34,7 +55,7 @@ async def record_impression(
             status.HTTP_404_NOT_FOUND, f"no recommendations for user {body.user_id} yet"
         )
     try:
-        return await db.record_impression(
+        impression = await db.record_impression(
             user_id=body.user_id,
             playlists=result.playlists,
             model_version=result.model_version,
@@ -45,6 +66,9 @@ async def record_impression(
     except DatabaseUnavailable:
         FAILURES.labels("database").inc()
         raise
+    scope = like_scope(impression.impression_id)
+    response.headers[LIKE_TOKEN_HEADER] = guard.sign(scope, LIKE_TOKEN_TTL_S)
+    return impression
 
 
 @router.post(
@@ -54,15 +78,23 @@ async def record_impression(
     responses={
         200: {"model": Like, "description": "a retry of a like already recorded"},
         409: {"model": Problem},
-        422: {"model": Problem},
         503: {"model": Problem},
     },
 )
-async def record_like(body: LikeRequest, response: Response, db: DatabaseDep) -> Like:
+async def record_like(
+    body: LikeRequest,
+    response: Response,
+    caller: FeedbackCallerDep,
+    guard: GuardDep,
+    db: DatabaseDep,
+) -> Like:
     """Record a like of one playlist of an impression: 201 when new, 200 for a retry
     (same ``like_id``, or the same playlist of the same impression), 422 when the playlist
     was not shown to that user in that impression, 409 when ``like_id`` names another like,
-    503 (nothing recorded) when PostgreSQL is unavailable."""
+    503 (nothing recorded) when PostgreSQL is unavailable. The page may like only the
+    impression its like token names (403 otherwise)."""
+    refusal = "the page may like only an impression it was served"
+    check_page(guard, caller, like_scope(body.impression_id), refusal)
     try:
         like, created = await db.record_like(body)
     except LikeRefused:

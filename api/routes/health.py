@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Response, Security
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from recfleet.api.auth import Role, require
 from recfleet.api.deps import PublisherDep, RedisDep
+from recfleet.api.limits import OrjsonRoute
 from recfleet.api.metrics import REGISTRY
 
-router = APIRouter(tags=["operations"])
+router = APIRouter(tags=["operations"], route_class=OrjsonRoute)
 
 
 @router.get("/healthz")
@@ -33,6 +35,7 @@ async def readyz(publisher: PublisherDep, redis: RedisDep) -> JSONResponse:
 @router.get(
     "/metrics",
     response_class=Response,
+    dependencies=[Security(require(Role.OPERATOR))],
     responses={200: {"content": {CONTENT_TYPE_LATEST.split(";")[0]: {}}}},
 )
 async def metrics() -> Response:

@@ -13,9 +13,12 @@ from fastapi.responses import HTMLResponse
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 
+from recfleet.api.auth import PAGE_TOKEN_TTL_S, GuardDep, page_scope
+from recfleet.api.limits import OrjsonRoute
+
 HERE = Path(__file__).resolve().parent.parent
 templates = Jinja2Templates(directory=HERE / "templates")
-router = APIRouter(tags=["page"])
+router = APIRouter(tags=["page"], route_class=OrjsonRoute)
 
 
 def static_files() -> StaticFiles:
@@ -24,5 +27,9 @@ def static_files() -> StaticFiles:
 
 
 @router.get("/", response_class=HTMLResponse, include_in_schema=False)
-async def page(request: Request) -> HTMLResponse:
-    return templates.TemplateResponse(request, "page.html")
+async def page(request: Request, guard: GuardDep) -> HTMLResponse:
+    """The page, with its own token for recording impressions (no key in the browser)."""
+    token = guard.sign(page_scope(), PAGE_TOKEN_TTL_S)
+    response = templates.TemplateResponse(request, "page.html", {"page_token": token})
+    response.headers["Cache-Control"] = "no-store"  # the token is this page's alone
+    return response

@@ -3,24 +3,26 @@
 from __future__ import annotations
 
 import time
-from typing import Annotated
 
 import orjson
-from fastapi import APIRouter, HTTPException, Path, Response, status
+from fastapi import APIRouter, HTTPException, Response, Security, status
 
+from recfleet.api.auth import Role, require
 from recfleet.api.deps import ResultsDep, SettingsDep, SyncDep
-from recfleet.api.schemas import Problem, SyncResult, UserIdsRequest, UserResult
-from recfleet.shared.messages import MAX_USER_ID, Job, new_id
+from recfleet.api.limits import OrjsonRoute
+from recfleet.api.schemas import Problem, SyncResult, UserIdPath, UserIdsRequest, UserResult
+from recfleet.shared.messages import Job, new_id
 
-router = APIRouter(tags=["playlists"])
+router = APIRouter(tags=["playlists"], route_class=OrjsonRoute)
 
 
 @router.get(
-    "/api/playlist/{user_id}", response_model=UserResult, responses={404: {"model": Problem}}
+    "/api/playlist/{user_id}",
+    response_model=UserResult,
+    dependencies=[Security(require(Role.READ))],
+    responses={404: {"model": Problem}},
 )
-async def get_playlists(
-    user_id: Annotated[int, Path(ge=0, le=MAX_USER_ID)], results: ResultsDep
-) -> Response:
+async def get_playlists(user_id: UserIdPath, results: ResultsDep) -> Response:
     """The user's ranked playlists, best first; 404 when no result was written yet."""
     result = await results.read(user_id)
     if result is None:
@@ -32,6 +34,7 @@ async def get_playlists(
 @router.post(
     "/api/playlist/recommend/",
     response_model=list[SyncResult],
+    dependencies=[Security(require(Role.SUBMIT))],
     responses={413: {"model": Problem}, 503: {"model": Problem}, 504: {"model": Problem}},
 )
 async def recommend_now(

@@ -46,10 +46,18 @@
     return "";
   }
 
-  async function post(path, json) {
+  // The page's own credentials: no API key lives in the browser. The page token lets it
+  // record impressions; each impression answers with a token for liking that one only.
+  const pageToken = document.querySelector('meta[name="recfleet-page-token"]').content;
+
+  async function post(path, json, token) {
     const response = await fetch(new URL(path, document.baseURI), {
       method: "POST",
-      headers: { "content-type": "application/json", accept: "application/json" },
+      headers: {
+        "content-type": "application/json",
+        accept: "application/json",
+        "x-page-token": token,
+      },
       body: json,
     });
     let body = null;
@@ -58,7 +66,7 @@
     } catch {
       body = null;
     }
-    return { status: response.status, body };
+    return { status: response.status, body, likeToken: response.headers.get("x-like-token") };
   }
 
   function timeLabel(seconds) {
@@ -133,7 +141,7 @@
     say("info", `Looking up user ${userId}…`);
     let reply;
     try {
-      reply = await post("api/impressions", `{"user_id":${userId}}`);
+      reply = await post("api/impressions", `{"user_id":${userId}}`, pageToken);
     } catch {
       say("error", "The gateway could not be reached. Check your connection and try again.");
       return;
@@ -142,7 +150,7 @@
     }
     const reason = reasonOf(reply.body);
     if (reply.status === 201) {
-      render(reply.body);
+      render({ ...reply.body, likeToken: reply.likeToken || "" });
     } else if (reply.status === 404) {
       say(
         "warn",
@@ -170,7 +178,7 @@
       `"user_id":${shown.user_id},"playlist_id":${playlistId}}`;
     let reply;
     try {
-      reply = await post("api/feedback", json);
+      reply = await post("api/feedback", json, shown.likeToken);
     } catch {
       say("error", "Your like was not sent: the gateway could not be reached. Press Like to retry.");
       return;
