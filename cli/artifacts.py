@@ -2,13 +2,42 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+from typing import Any
 
 import click
+from rich.progress import Progress, SpinnerColumn, TaskID, TextColumn, TimeElapsedColumn
+from rich.table import Table
 
+from recfleet.cli.client import console
 from recfleet.cli.shards import artifacts_shard
 from recfleet.shared.errors import ArtifactError
 from recfleet.shared.logs import configure_logging
+
+
+class _StageDisplay:
+    """A live line per build stage (spinner, then its seconds); off when not on a terminal."""
+
+    def __init__(self, progress: Progress) -> None:
+        self._progress = progress
+        self._tasks: dict[str, TaskID] = {}
+
+    def __call__(self, stage: str, seconds: float | None) -> None:
+        if seconds is None:
+            self._tasks[stage] = self._progress.add_task(stage, total=1)
+            return
+        task = self._tasks.pop(stage, None)
+        if task is None:  # a step timed inside a stage: shown once it is done
+            task = self._progress.add_task(f"  {stage}", total=1)
+        self._progress.update(task, completed=1, description=f"{stage} ({seconds:.1f}s)")
+
+
+def _timings_table(timings: dict[str, float]) -> Table:
+    table = Table("stage", "seconds", title="build stages")
+    for stage, seconds in timings.items():
+        table.add_row(stage, f"{seconds:.1f}")
+    return table
 
 
 @click.group()
@@ -28,23 +57,48 @@ def artifacts() -> None:
     help="training triplets (.npy) exported from feedback",
 )
 @click.option("--shards", type=click.IntRange(1), default=None, help="split into N shards")
+@click.option(
+    "--threads",
+    type=click.IntRange(1),
+    default=os.cpu_count() or 1,
+    show_default="all cores",
+    help="threads for the candidate, tuning and evaluation stages (same artifacts for any)",
+)
 def artifacts_build(
-    out: Path, users: int, playlists: int, seed: int, feedback: Path | None, shards: int | None
+    out: Path,
+    users: int,
+    playlists: int,
+    seed: int,
+    feedback: Path | None,
+    shards: int | None,
+    threads: int,
 ) -> None:
     """Generate interactions, pair users, train BPR and write a versioned artifact directory
-    (with ``--shards N``, split by user-id range as ``recfleet artifacts shard`` does)."""
+    (with ``--shards N``, split by user-id range as ``recfleet artifacts shard`` does).
+
+    On a terminal each stage shows live; the stage timings are printed at the end.
+    """
     from recfleet.offline.build import build_artifacts
     from recfleet.offline.shard import build_sharded
 
     configure_logging()
-    if shards is None:
-        manifest = build_artifacts(
-            out, n_users=users, n_playlists=playlists, seed=seed, feedback=feedback
-        )
-    else:
-        manifest = build_sharded(
-            out, shards, n_users=users, n_playlists=playlists, seed=seed, feedback=feedback
-        )
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
+    live = console.is_terminal
+    with Progress(*columns, console=console, disable=not live) as progress:
+        build_args: dict[str, Any] = {
+            "n_users": users,
+            "n_playlists": playlists,
+            "seed": seed,
+            "feedback": feedback,
+            "threads": threads,
+            "listener": _StageDisplay(progress),
+        }
+        if shards is None:
+            manifest = build_artifacts(out, **build_args)
+        else:
+            manifest = build_sharded(out, shards, **build_args)
+    if "timings" in manifest:
+        console.print(_timings_table(manifest["timings"]))
     click.echo(f"wrote {out} (model {manifest['model_version']})")
 
 

@@ -24,13 +24,47 @@ def bench() -> None:
     """Benchmarks (programs, not tests): ranking alone, or the whole fleet."""
 
 
-@bench.command("rank", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
-@click.pass_context
-def bench_rank(ctx: click.Context) -> None:
-    """Ranking throughput of one torch thread, without a broker (see --help of the program)."""
-    from recfleet.worker.bench_rank import main as rank_main
+@bench.command("rank")
+@click.option("--users", type=click.IntRange(2), default=1_000_000, show_default=True)
+@click.option("--playlists", type=click.IntRange(2), default=1_000_000, show_default=True)
+@click.option("--dim", type=click.IntRange(1), default=128, show_default=True)
+@click.option("--k", type=click.IntRange(1), default=10, show_default=True)
+@click.option(
+    "--distribution", type=click.Choice(["zipf", "uniform"]), default="zipf", show_default=True
+)
+@click.option(
+    "--dtype",
+    type=click.Choice(["float32", "float16"]),
+    default="float32",
+    show_default=True,
+    help="playlist table dtype (an artifact table is converted to it)",
+)
+@click.option("--job-size", type=click.IntRange(1), default=1000, show_default=True)
+@click.option(
+    "--jobs", type=click.IntRange(1), default=40, show_default=True, help="jobs timed per repeat"
+)
+@click.option("--repeats", type=click.IntRange(1), default=7, show_default=True)
+@click.option("--threads", type=click.IntRange(1), default=1, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option(
+    "--artifacts",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    default=None,
+    help="rank a real artifact directory instead of synthetic tables",
+)
+@click.option(
+    "--compare", is_flag=True, help="also time the old kernel, the per-user loop and padded bmm"
+)
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object on the last line")
+def bench_rank(as_json: bool, **options: Any) -> None:
+    """Ranking throughput of one thread, without a broker: users/s, median of repeats."""
+    from recfleet.worker import bench_rank as program
 
-    rank_main(list(ctx.args))
+    options["jobs_per_repeat"] = options.pop("jobs")
+    result = program.run(**options)
+    click.echo(program.table(result))
+    if as_json:
+        click.echo(json.dumps(result, sort_keys=True))
 
 
 def _counts(spec: str) -> list[int]:
@@ -87,17 +121,24 @@ def bench_fleet(
     as_json: bool,
 ) -> None:
     """Submit users over HTTP to a local gateway and N workers; time until every result is in
-    Redis. Uses its own queues and Redis prefix, deleted afterwards.
+    Redis. Uses its own queues and Redis prefix, deleted afterwards. After each run, one
+    thread ranks jobs of the same model alone (no broker), so the fleet's figure has a
+    same-run yardstick.
 
     With --shards N: one worker per shard of --sharded-artifacts against N workers on the
     unsharded --artifacts, with each worker process's private and shared memory."""
+    from recfleet.shared.artifacts import current_dir
+    from recfleet.worker import bench_rank as rank_program
+
     base = get_settings()
     if shards is not None:
         _bench_shards(
             base, users, repeats, artifacts or base.artifacts, shards, sharded_artifacts, as_json
         )
         return
+    model_dir = current_dir(artifacts or base.artifacts)
     rows: list[dict[str, Any]] = []
+    alone: list[float] = []
     for n in _counts(processes):
         runs = []
         for _ in range(repeats):
@@ -115,10 +156,13 @@ def bench_fleet(
             finally:
                 cleanup(s)
             runs.append(run.figures())
+            alone.append(
+                rank_program.run(artifacts=model_dir, repeats=3, jobs_per_repeat=20)["users_per_s"]
+            )
             console.print(
                 f"processes {n}: {run.users:,} users in {run.total_s:.2f}s "
                 f"(submit {run.submit_s:.2f}s) = {run.users_per_s:,.0f} users/s, "
-                f"cold {run.cold_users:,}"
+                f"cold {run.cold_users:,}; ranking alone, one thread: {alone[-1]:,.0f} users/s"
             )
         rows.append(
             {
@@ -131,17 +175,22 @@ def bench_fleet(
             }
         )
     best = max(rows, key=lambda r: r["users_per_s"])
+    ranking = statistics.median(alone)
     if as_json:
-        click.echo(
-            json.dumps(
-                {"benchmark": "fleet", "users_per_s": best["users_per_s"], "by_processes": rows}
-            )
-        )
+        figures = {
+            "benchmark": "fleet",
+            "users_per_s": best["users_per_s"],
+            "ranking_alone_users_per_s": ranking,
+            "fleet_over_ranking_alone": best["users_per_s"] / ranking,
+            "by_processes": rows,
+        }
+        click.echo(json.dumps(figures))
     else:
         for r in rows:
             click.echo(
                 f"processes={r['processes']:<3} users={r['users']:<9} "
-                f"median total {r['total_s']:.2f}s  {r['users_per_s']:,.0f} users/s"
+                f"median total {r['total_s']:.2f}s  {r['users_per_s']:,.0f} users/s "
+                f"({r['users_per_s'] / ranking:.2f}x ranking alone on one thread)"
             )
 
 

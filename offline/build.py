@@ -21,18 +21,19 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import scipy.sparse as sp
 import torch
 from safetensors.numpy import save_file
 from threadpoolctl import threadpool_limits
 
-from recfleet.offline import evaluate
+from recfleet.offline import evaluate, tuning
 from recfleet.offline.bpr import BPRConfig, Feedback, TrainingData, load_feedback, train_bpr
 from recfleet.offline.candidates import popularity_rank
 from recfleet.offline.pairing import PairingConfig, pair_users
@@ -53,26 +54,33 @@ N_FALLBACK = 100
 MAX_EVAL_USERS = 100_000
 
 
+# Told when a stage starts (seconds None) and when it ends (its seconds).
+StageListener = Callable[[str, float | None], None]
+
+
 @contextlib.contextmanager
-def _single_threaded_math() -> Iterator[None]:
-    """Run a block with one torch and one BLAS thread, then restore the caller's setting."""
+def _math_threads(threads: int) -> Iterator[None]:
+    """Run a block with ``threads`` torch and BLAS threads, then restore the caller's."""
     before = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(threads)
     try:
-        with threadpool_limits(1):
+        with threadpool_limits(threads):
             yield
     finally:
         torch.set_num_threads(before)
 
 
 class _Stopwatch:
-    """Seconds per stage, logged as each stage ends."""
+    """Seconds per stage, logged as each stage ends and passed to an optional listener."""
 
-    def __init__(self) -> None:
+    def __init__(self, listener: StageListener | None = None) -> None:
         self.timings: dict[str, float] = {}
+        self._listener = listener
 
     @contextlib.contextmanager
     def stage(self, name: str) -> Iterator[None]:
+        if self._listener:
+            self._listener(name, None)
         start = time.perf_counter()
         yield
         self.add(name, time.perf_counter() - start)
@@ -80,6 +88,8 @@ class _Stopwatch:
     def add(self, name: str, seconds: float) -> None:
         self.timings[name] = round(seconds, 3)
         logger.info("stage %s: %.2fs", name, seconds)
+        if self._listener:
+            self._listener(name, seconds)
 
 
 def _model_version(params: dict[str, Any], created: datetime) -> str:
@@ -94,11 +104,14 @@ def _write_arrays(
     candidates: tuple[np.ndarray, np.ndarray],
     popularity: np.ndarray,
 ) -> None:
-    """Every file of the format except the manifest (ids are identity ranges)."""
+    """Every file of the format except the manifest (ids are identity ranges).
+
+    The playlist table keeps its dtype (float32 or float16); the user table is float32.
+    """
     save_file(
         {
             "user": np.ascontiguousarray(user_emb, dtype=np.float32),
-            "playlist": np.ascontiguousarray(playlist_emb, dtype=np.float32),
+            "playlist": np.ascontiguousarray(playlist_emb),
         },
         str(tmp / EMBEDDINGS),
     )
@@ -127,18 +140,18 @@ def _synthetic_split(
 
 
 def _train(
-    split: evaluate.Split,
+    train: sp.csr_matrix,
     candidates: tuple[np.ndarray, np.ndarray],
     triplets: np.ndarray,
     config: BPRConfig,
     seed: int,
 ) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
-    coo = split.train.tocoo()
+    coo = train.tocoo()
     data = TrainingData(
         users=coo.row.astype(np.int32),
         playlists=coo.col.astype(np.int32),
-        n_users=split.train.shape[0],
-        n_playlists=split.train.shape[1],
+        n_users=train.shape[0],
+        n_playlists=train.shape[1],
         cand_indptr=candidates[0],
         cand_indices=candidates[1],
         triplets=triplets,
@@ -146,46 +159,105 @@ def _train(
     return train_bpr(data, config, seed)
 
 
+def _fit(
+    clock: _Stopwatch,
+    split: evaluate.Split,
+    candidates: tuple[np.ndarray, np.ndarray],
+    feedback: Feedback,
+    config: BPRConfig,
+    seed: int,
+) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray], dict[str, Any]]:
+    """BPR on the training split minus a validation split, then β chosen on validation.
+
+    Returns the embeddings with the prior dimension (when β > 0), the embeddings without
+    it, and the manifest's record of the training and of the choice.
+    """
+    carved = tuning.carve_validation(split, seed)
+    # BPR stays on one thread: its ops are small (2048 x 128), and with two intra-op
+    # threads on the shared 2-core machine the stage ran 9x slower (27.6 s against 3.1 s
+    # for 3000 users) with identical results.
+    with clock.stage("bpr"), _math_threads(1):
+        user_emb, playlist_emb, stats = _train(
+            carved.train, candidates, feedback.triplets, config, seed
+        )
+    with clock.stage("tune"):
+        seen = np.bincount(carved.train.indices, minlength=carved.train.shape[1])
+        choice = tuning.choose_beta(user_emb, playlist_emb, seen, candidates, carved.heldout, seed)
+    popularity = np.bincount(split.train.indices, minlength=split.train.shape[1])
+    final = tuning.with_prior(user_emb, playlist_emb, popularity, choice.beta)
+    record = {"training": stats, "prior": {"beta": choice.beta, "validation": choice.validation}}
+    return final, (user_emb, playlist_emb), record
+
+
+def _evaluate(
+    split: evaluate.Split,
+    candidates: tuple[np.ndarray, np.ndarray],
+    truth: SyntheticTruth,
+    embeddings: tuple[np.ndarray, np.ndarray],
+    without_prior: tuple[np.ndarray, np.ndarray],
+    seed: int,
+) -> tuple[dict[str, Any], bool]:
+    """Held-out metrics (final model, without the prior, float16 table) and the dtype call."""
+    popularity = np.bincount(split.train.indices, minlength=split.train.shape[1])
+    half = embeddings[1].astype(np.float16)
+    scorers = {
+        "bpr": evaluate.bpr_scorer(*embeddings),
+        "bpr_float16": evaluate.bpr_scorer(embeddings[0], half),
+        "bpr_without_prior": evaluate.bpr_scorer(*without_prior),
+        "popularity": evaluate.popularity_scorer(popularity),
+        "oracle": evaluate.truth_scorer(truth),
+    }
+    metrics = evaluate.evaluate_models(
+        scorers, *candidates, split.heldout, max_users=MAX_EVAL_USERS, seed=seed
+    )
+    keep_half = tuning.float16_keeps_quality(metrics["bpr"], metrics["bpr_float16"])  # type: ignore[arg-type]
+    return metrics, keep_half
+
+
 def _build_into(
-    tmp: Path, n_users: int, n_playlists: int, seed: int, bpr_cfg: BPRConfig, feedback: Feedback
+    tmp: Path,
+    n_users: int,
+    n_playlists: int,
+    seed: int,
+    bpr_cfg: BPRConfig,
+    feedback: Feedback,
+    threads: int,
+    listener: StageListener | None,
 ) -> dict[str, Any]:
     """Every stage, writing into ``tmp``; returns the manifest (without checksums)."""
-    clock = _Stopwatch()
+    clock = _Stopwatch(listener)
     synth_cfg, pair_cfg = SyntheticConfig(), PairingConfig()
-    # Math runs on one thread throughout (see build_artifacts); only the candidate blocks,
-    # scipy sparse products that release the GIL, run on a second thread.
-    threads = max(1, min(os.cpu_count() or 1, 2))
     with clock.stage("synthetic"):
         truth, split, n_interactions = _synthetic_split(n_users, n_playlists, seed, synth_cfg)
         popularity = np.bincount(split.train.indices, minlength=n_playlists)
-    indptr, indices, pair_timings = pair_users(split.train, popularity, seed, pair_cfg, threads)
+    # The SVD and the kNN stay on one thread: on the shared 2-core machine two threads
+    # made the kNN 5x and the SVD 3x slower (many small ops, a thread team each).
+    with clock.stage("pairing"), _math_threads(1):
+        indptr, indices, pair_timings = pair_users(split.train, popularity, seed, pair_cfg, threads)
     for name, seconds in pair_timings.items():
         clock.add(name, seconds)
-    with clock.stage("bpr"):
-        user_emb, playlist_emb, train_stats = _train(
-            split, (indptr, indices), feedback.triplets, bpr_cfg, seed
-        )
+    candidates = (indptr, indices)
+    (user_emb, playlist_emb), without_prior, record = _fit(
+        clock, split, candidates, feedback, bpr_cfg, seed
+    )
     with clock.stage("evaluate"):
-        scorers = {
-            "bpr": evaluate.bpr_scorer(user_emb, playlist_emb),
-            "popularity": evaluate.popularity_scorer(popularity),
-            "oracle": evaluate.truth_scorer(truth),
-        }
-        metrics = evaluate.evaluate_models(
-            scorers, indptr, indices, split.heldout, max_users=MAX_EVAL_USERS, seed=seed
+        metrics, keep_half = _evaluate(
+            split, candidates, truth, (user_emb, playlist_emb), without_prior, seed
         )
     logger.info("metrics: %s", json.dumps(metrics))
+    table = playlist_emb.astype(np.float16) if keep_half else playlist_emb
     with clock.stage("write"):
-        _write_arrays(tmp, user_emb, playlist_emb, (indptr, indices), popularity)
+        _write_arrays(tmp, user_emb, table, candidates, popularity)
         truth.save(tmp / TRUTH_FILE)
     params = {
         "seed": seed,
         "synthetic": asdict(synth_cfg),
         "pairing": asdict(pair_cfg),
         "bpr": asdict(bpr_cfg),
+        "prior": {"betas": list(tuning.BETAS), "validation_users": tuning.VALIDATION_USERS},
         "feedback": {"triplets": len(feedback.triplets), "sha256": feedback.sha256},
     }
-    sizes = {"n_users": n_users, "n_playlists": n_playlists, "dim": bpr_cfg.dim}
+    sizes = {"n_users": n_users, "n_playlists": n_playlists, "dim": int(user_emb.shape[1])}
     created = datetime.now(UTC)
     return {
         **sizes,
@@ -193,7 +265,14 @@ def _build_into(
         "created_at": created.isoformat(timespec="seconds"),
         "n_interactions": n_interactions,
         "params": params,
-        "training": train_stats,
+        "threads": threads,  # not a parameter: the artifacts are the same for any count
+        **record,
+        "playlist_dtype": {
+            "dtype": str(table.dtype),
+            "float16_tolerance": tuning.FLOAT16_TOLERANCE,
+            "rule": "float16 unless a held-out metric of bpr_float16 is lower than bpr's "
+            "by more than the tolerance",
+        },
         "metrics": metrics,
         "timings": clock.timings,
         "extra_files": {TRUTH_FILE: {"sha256": sha256_file(tmp / TRUTH_FILE)}},
@@ -238,16 +317,25 @@ def build_artifacts(
     dim: int = 128,
     epochs: int | None = None,
     feedback: Path | None = None,
+    threads: int | None = None,
+    listener: StageListener | None = None,
 ) -> dict[str, Any]:
     """Build a complete, verified artifact directory at ``out`` and return its manifest.
+
+    ``threads`` (default: every core) is how many threads the candidate, tuning and
+    evaluation stages use (the SVD, kNN and BPR run on one, see ``_build_into``); the
+    result is deterministic for a seed and the same whatever the thread count.
+    ``listener`` is told when each stage starts and ends (for a progress display).
 
     Raises ValueError for sizes below 2 users / 2 playlists / dim 1 or unusable feedback,
     FileExistsError if ``out`` is something other than an artifact directory, and
     ArtifactError if the written directory fails ``load_artifacts`` (nothing is moved then).
     """
-    if n_users < 2 or n_playlists < 2 or dim < 1:
+    threads = threads or os.cpu_count() or 1
+    if n_users < 2 or n_playlists < 2 or dim < 1 or threads < 1:
         raise ValueError(
-            f"need ≥2 users, ≥2 playlists, dim ≥1; got {n_users}, {n_playlists}, {dim}"
+            f"need ≥2 users, ≥2 playlists, dim ≥1, threads ≥1; "
+            f"got {n_users}, {n_playlists}, {dim}, {threads}"
         )
     out = Path(out)
     triplets = load_feedback(feedback, n_users, n_playlists)
@@ -255,13 +343,14 @@ def build_artifacts(
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.building-", dir=out.parent))
     try:
         start = time.perf_counter()
-        # One math thread: the work is many small ops (index_select, index_add_, 32-wide
-        # matmuls) where a thread team costs more than it gains; on the 2-core machine
-        # shared with other jobs, two threads made the kNN 5x and the SVD 3x slower.
-        # One thread is also deterministic.
-        with _single_threaded_math():
+        # torch's CPU ops used here (index_select, index_add_, elementwise, row-wise
+        # reductions) split work by rows or columns, never reorder a sum across threads:
+        # the result does not depend on the thread count, and is deterministic for a seed.
+        with _math_threads(threads):
             bpr_cfg = BPRConfig(dim=dim, epochs=epochs)
-            manifest = _build_into(tmp, n_users, n_playlists, seed, bpr_cfg, triplets)
+            manifest = _build_into(
+                tmp, n_users, n_playlists, seed, bpr_cfg, triplets, threads, listener
+            )
         manifest["timings"]["total"] = round(time.perf_counter() - start, 3)
         manifest = write_manifest(tmp, manifest)
         load_artifacts(tmp)

@@ -70,7 +70,7 @@ def evaluation_users(heldout: np.ndarray, max_users: int, seed: int) -> np.ndarr
     return users
 
 
-def _padded(
+def padded_candidates(
     indptr: np.ndarray, indices: np.ndarray, users: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
     """Candidate rows of ``users`` as [B, L] (zero-padded) and the validity mask."""
@@ -94,7 +94,7 @@ def expected_ranks(
     ranks = np.full(len(users), np.inf)
     for begin in range(0, len(users), chunk):
         batch = users[begin : begin + chunk]
-        cands, mask = _padded(indptr, indices, batch)
+        cands, mask = padded_candidates(indptr, indices, batch)
         target = heldout[batch]
         present = ((cands == target[:, None]) & mask).any(axis=1)
         scores = scorer(batch, np.concatenate([cands, target[:, None]], axis=1))
@@ -123,12 +123,12 @@ def candidate_recall(
 
 
 def bpr_scorer(user_emb: np.ndarray, playlist_emb: np.ndarray) -> Scorer:
-    """Scores ``u·p``, computed as the workers do (torch, float32)."""
+    """Scores ``u·p`` in float32 (a float16 table is widened, as the workers do)."""
     users_t, playlists_t = torch.from_numpy(user_emb), torch.from_numpy(playlist_emb)
 
     def score(users: np.ndarray, cands: np.ndarray) -> np.ndarray:
-        u = users_t[torch.from_numpy(users).long()].unsqueeze(2)
-        p = playlists_t[torch.from_numpy(cands).long()]
+        u = users_t[torch.from_numpy(users).long()].float().unsqueeze(2)
+        p = playlists_t[torch.from_numpy(cands).long()].float()
         return torch.bmm(p, u).squeeze(2).numpy()
 
     return score

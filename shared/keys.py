@@ -26,8 +26,10 @@ node in one round trip; buckets spread over all slots.
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
+
+import numpy as np
 
 BUCKET_BITS = 7
 # The keyspace that ad-hoc results go to while no generation is current; read last.
@@ -103,10 +105,26 @@ class Keys:
 
 
 def bucket_mappings(
-    keys: Keys, generation: str, user_ids: list[int], values: list[bytes]
+    keys: Keys, generation: str, user_ids: Sequence[int] | np.ndarray, values: list[bytes]
 ) -> dict[str, dict[int, bytes]]:
-    """Group packed results by result hash: ``{key: {field: value}}``, one HSET each."""
-    out: dict[str, dict[int, bytes]] = defaultdict(dict)
-    for uid, value in zip(user_ids, values, strict=True):
-        out[keys.result_bucket(generation, uid)][keys.result_field(uid)] = value
-    return out
+    """Group packed results by result hash: ``{key: {field: value}}``, one HSET each.
+
+    Grouped with numpy (a Python call per user cost ~4 ms per job of 1000 users); within a
+    hash, a later duplicate of a user overrides an earlier one, as a dict would.
+    """
+    if len(values) != len(user_ids):
+        raise ValueError(f"{len(user_ids)} user ids but {len(values)} values")
+    ids = np.asarray(user_ids, dtype=np.int64)
+    buckets = ids >> BUCKET_BITS
+    order = np.argsort(buckets, kind="stable")
+    fields = (ids[order] & ((1 << BUCKET_BITS) - 1)).tolist()
+    ordered = [values[i] for i in order.tolist()]
+    bounds, starts = np.unique(buckets[order], return_index=True)
+    ends = [*starts[1:].tolist(), len(ids)]
+    spans = zip(bounds.tolist(), starts.tolist(), ends, strict=True)
+    return {
+        keys.result_bucket(generation, bucket << BUCKET_BITS): dict(
+            zip(fields[lo:hi], ordered[lo:hi], strict=True)
+        )
+        for bucket, lo, hi in spans
+    }

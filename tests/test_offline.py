@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
+from recfleet.offline import tuning
 from recfleet.offline.build import TRUTH_FILE, build_artifacts
 from recfleet.offline.candidates import build_candidates
 from recfleet.offline.evaluate import expected_ranks, rank_metrics, split_holdout
@@ -37,8 +39,10 @@ def _copy(built: tuple[Path, dict[str, Any]], tmp_path: Path) -> Path:
 
 def test_small_build_loads_with_identity_ids(built: tuple[Path, dict[str, Any]]) -> None:
     art = load_artifacts(built[0])
-    assert (art.n_users, art.n_playlists, art.dim) == (3000, 1000, 128)
+    prior_dims = 1 if built[1]["prior"]["beta"] > 0 else 0
+    assert (art.n_users, art.n_playlists, art.dim) == (3000, 1000, 128 + prior_dims)
     assert art.user_embeddings.dtype == np.float32
+    assert str(art.playlist_embeddings.dtype) == built[1]["playlist_dtype"]["dtype"]
     assert np.array_equal(art.user_ids, np.arange(3000))
     assert np.array_equal(art.playlist_ids, np.arange(1000))
     assert art.playlist_popularity.sum() > 0
@@ -79,8 +83,46 @@ def test_manifest_records_version_params_and_timings(built: tuple[Path, dict[str
     manifest = json.loads((built[0] / MANIFEST).read_text())
     assert manifest["model_version"].startswith("bpr-")
     assert manifest["params"]["seed"] == 0
-    assert {"synthetic", "pairing_knn", "bpr", "evaluate", "total"} <= set(manifest["timings"])
+    stages = {"synthetic", "pairing_knn", "bpr", "tune", "evaluate", "total"}
+    assert stages <= set(manifest["timings"])
     assert manifest["created_at"].endswith("+00:00")
+
+
+def test_manifest_records_the_prior_and_the_table_dtype_choice(
+    built: tuple[Path, dict[str, Any]],
+) -> None:
+    manifest = built[1]
+    assert manifest["prior"]["beta"] in tuning.BETAS
+    validation = manifest["prior"]["validation"]
+    assert set(validation) == {f"{b:g}" for b in tuning.BETAS}
+    assert min(m["hit@10"] for m in validation.values()) > 0.05  # targets really ranked
+    metrics = manifest["metrics"]
+    keeps = tuning.float16_keeps_quality(metrics["bpr"], metrics["bpr_float16"])
+    assert manifest["playlist_dtype"]["dtype"] == ("float16" if keeps else "float32")
+    assert metrics["bpr_without_prior"]["hit@10"] > metrics["popularity"]["hit@10"]
+
+
+def test_prior_dimension_adds_beta_log_popularity() -> None:
+    rng = np.random.default_rng(0)
+    users = rng.standard_normal((4, 3)).astype(np.float32)
+    playlists = rng.standard_normal((5, 3)).astype(np.float32)
+    popularity = np.array([0, 1, 10, 100, 1000])
+    u2, p2 = tuning.with_prior(users, playlists, popularity, 0.2)
+    want = users @ playlists.T + 0.2 * np.log1p(popularity)[None, :]
+    np.testing.assert_allclose(u2 @ p2.T, want, rtol=1e-5, atol=1e-5)
+    assert tuning.with_prior(users, playlists, popularity, 0.0)[1] is playlists
+
+
+def test_validation_is_carved_from_training_rows_only() -> None:
+    users = np.repeat(np.arange(50), 6).astype(np.int32)
+    playlists = np.tile(np.arange(6), 50).astype(np.int32)
+    split = split_holdout(users, playlists, (50, 6), np.random.default_rng(0))
+    carved = tuning.carve_validation(split, seed=0)
+    for user in range(50):
+        valid = carved.heldout[user]
+        assert split.train[user, valid] == 1 and carved.train[user, valid] == 0
+        assert valid != split.heldout[user]
+    assert carved.train.nnz == split.train.nnz - 50
 
 
 def test_synthetic_truth_is_saved(built: tuple[Path, dict[str, Any]]) -> None:
@@ -93,8 +135,9 @@ def test_synthetic_truth_is_saved(built: tuple[Path, dict[str, Any]]) -> None:
 def test_same_seed_same_artifacts_other_seed_differs(
     built: tuple[Path, dict[str, Any]], tmp_path: Path
 ) -> None:
-    again = build_artifacts(tmp_path / "again", seed=0, **SMALL)
-    assert again["files"] == built[1]["files"]
+    assert built[1]["threads"] > 1 or (os.cpu_count() or 1) == 1
+    again = build_artifacts(tmp_path / "again", seed=0, threads=1, **SMALL)
+    assert again["files"] == built[1]["files"], "the thread count changed the artifacts"
     assert again["model_version"] == built[1]["model_version"]
     other = build_artifacts(tmp_path / "other", seed=1, **SMALL)
     assert other["files"]["embeddings.safetensors"] != built[1]["files"]["embeddings.safetensors"]
@@ -256,3 +299,37 @@ def test_candidates_rank_by_votes_exclude_seen_and_pad_from_popularity() -> None
     ]
     _, capped = build_candidates(matrix, neighbours, popularity, min_candidates=1, max_candidates=2)
     assert capped[:2].tolist() == [2, 3]
+
+
+def test_build_command_prints_stage_timings_and_no_live_display_off_a_terminal(
+    tmp_path: Path,
+) -> None:
+    from click.testing import CliRunner
+
+    from recfleet.cli.artifacts import artifacts
+
+    argv = ["build", "--out", str(tmp_path / "a"), "--users", "2000", "--playlists", "500"]
+    result = CliRunner().invoke(artifacts, [*argv, "--threads", "1"])
+    assert result.exit_code == 0, result.output
+    assert "build stages" in result.output and "bpr" in result.output
+    assert "⠋" not in result.output  # no spinner frames when not on a terminal
+    assert json.loads((tmp_path / "a" / MANIFEST).read_text())["threads"] == 1
+
+
+def test_stage_display_shows_running_and_finished_stages() -> None:
+    from io import StringIO
+
+    from rich.console import Console
+    from rich.progress import Progress, TextColumn
+
+    from recfleet.cli.artifacts import _StageDisplay
+
+    console = Console(file=StringIO(), force_terminal=True)
+    with Progress(TextColumn("{task.description}"), console=console) as progress:
+        display = _StageDisplay(progress)
+        display("pairing", None)
+        display("pairing_svd", 1.25)
+        display("pairing", 3.5)
+        display("bpr", None)
+        shown = {task.description: task.finished for task in progress.tasks}
+    assert shown == {"pairing (3.5s)": True, "pairing_svd (1.2s)": True, "bpr": False}

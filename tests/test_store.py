@@ -48,3 +48,17 @@ def test_batch_state_machine() -> None:
     assert status.eta_s == 6.0 and status.document()["state"] == "running"
     assert LedgerStatus.parse("b", {**base, "jobs_done": 4}).state == BatchState.DONE
     assert LedgerStatus.parse("b", {**base, "jobs_done": 3, "jobs_dead": 1}).state == "failed"
+
+
+def test_bucket_mappings_group_by_hash_and_keep_the_last_duplicate() -> None:
+    from recfleet.shared.keys import Keys, bucket_mappings
+
+    keys = Keys("p")
+    ids = [5, 130, 3, 5, 300, 2**40 + 1]
+    values = [b"a", b"b", b"c", b"d", b"e", b"f"]
+    got = bucket_mappings(keys, "g", ids, values)
+    want: dict[str, dict[int, bytes]] = {}
+    for uid, value in zip(ids, values, strict=True):
+        want.setdefault(keys.result_bucket("g", uid), {})[keys.result_field(uid)] = value
+    assert got == want
+    assert got[keys.result_bucket("g", 5)] == {5: b"d", 3: b"c"}

@@ -2,21 +2,25 @@
 
 Builds synthetic tables (or maps a real artifact directory), warms up, then times
 ``Ranker.rank`` on jobs of random users and reports the median users/s over repeats,
-with ``--compare`` running the per-user-loop and padded-bmm baselines side by side::
+with ``--compare`` running the baselines of ``worker.bench_baselines`` (the previous
+kernel, the per-user loop, padded bmm) side by side, interleaved repeat by repeat::
 
     recfleet bench rank --users 1000000 --playlists 1000000 --distribution zipf --compare
-    recfleet bench rank --artifacts artifacts/current --json
+    recfleet bench rank --artifacts artifacts/current --compare --json
+
+``--dtype float16`` ranks against a float16 copy of a float32 table (and vice versa), so
+the two can be compared on one artifact directory; ``--compare`` then also times the old
+kernel on the table as stored (``old_ranker_float32``).
 
 Synthetic candidates: 20–100 per user (uniform), playlist rows drawn uniformly or from a
 Zipf-like popularity law (``w = (rank + 1) ** -0.9`` as in ``offline.synthetic``, ranks
 randomly permuted over the table so popular rows are scattered). With ``--json`` the last
-line printed is one JSON object whose throughput field is ``users_per_s``.
+line printed is one JSON object whose throughput field is ``users_per_s``
+(``recfleet bench rank``).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -26,6 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from recfleet.worker.bench_baselines import BlockedRanker, padded_bmm, per_user_loop
 from recfleet.worker.ranking import Ranker
 
 ZIPF_EXPONENT = 0.9
@@ -92,44 +97,6 @@ def _touch(arrays: Sequence[np.ndarray]) -> None:
         float(flat[::step].sum(dtype=np.float64))
 
 
-def per_user_loop(model: dict[str, np.ndarray], k: int) -> Callable[[np.ndarray], Any]:
-    """Baseline: flatten each user's candidates, score them, torch.topk, one user at a time."""
-    users = torch.from_numpy(model["user_embeddings"])
-    table = torch.from_numpy(model["playlist_embeddings"])
-    indptr, indices = model["candidates_indptr"], model["candidates_indices"]
-
-    def rank(rows: np.ndarray) -> list[torch.Tensor]:
-        out = []
-        for row in rows.tolist():
-            cands = torch.from_numpy(indices[indptr[row] : indptr[row + 1]].astype(np.int64))
-            scores = table[cands].float() @ users[row].float()
-            top = torch.topk(scores, min(k, len(cands))).indices
-            out.append(cands[top])
-        return out
-
-    return rank
-
-
-def padded_bmm(model: dict[str, np.ndarray], k: int) -> Callable[[np.ndarray], Any]:
-    """Baseline: gather a padded [n, max_candidates, dim] tensor, bmm, mask, one topk."""
-    users = torch.from_numpy(model["user_embeddings"])
-    table = torch.from_numpy(model["playlist_embeddings"])
-    indptr, indices = model["candidates_indptr"], model["candidates_indices"]
-
-    def rank(rows: np.ndarray) -> torch.Tensor:
-        starts, counts = indptr[rows], indptr[rows + 1] - indptr[rows]
-        width = int(counts.max())
-        offsets = np.arange(width)
-        valid = offsets[None, :] < counts[:, None]
-        padded = np.where(valid, indices[np.where(valid, starts[:, None] + offsets, 0)], 0)
-        cands = torch.from_numpy(padded.astype(np.int64))
-        scores = torch.bmm(table[cands].float(), users[rows].float().unsqueeze(2)).squeeze(2)
-        scores.masked_fill_(torch.from_numpy(~valid), float("-inf"))
-        return cands.gather(1, scores.topk(min(k, width), dim=1).indices)
-
-    return rank
-
-
 def _time_jobs(rank: Callable[[np.ndarray], Any], jobs: Sequence[np.ndarray]) -> list[float]:
     times = []
     for job in jobs:
@@ -170,7 +137,8 @@ def run(
     """Time Ranker.rank (and, with compare, the baselines) and return the figures.
 
     With ``artifacts`` the tables come from that directory (users, playlists, dim and
-    distribution are then ignored). Sets torch's thread count for the run and restores it.
+    distribution are then ignored; the playlist table is converted to ``dtype``).
+    Sets torch's thread count for the run and restores it.
     Raises shared.errors.ArtifactError for an unreadable artifact directory.
     """
     if artifacts is not None:
@@ -187,6 +155,9 @@ def run(
                 "fallback",
             )
         }
+        stored = model["playlist_embeddings"]
+        if stored.dtype != np.dtype(dtype):
+            model["playlist_embeddings"] = stored.astype(dtype)
         source = str(artifacts)
     else:
         model = synthetic_model(users, playlists, dim, distribution, dtype, seed)
@@ -199,7 +170,12 @@ def run(
     contenders: dict[str, tuple[Callable[[np.ndarray], Any], Sequence[np.ndarray]]] = {
         "ranker": (ranker.rank, jobs)
     }
-    if compare:  # the baselines are ~20x slower: fewer jobs each, same repeats
+    if compare:  # the loop baselines are ~10x slower: fewer jobs each, same repeats
+        contenders["old_ranker"] = (BlockedRanker(**model, k=k, check=False).rank, jobs)
+        if artifacts is not None and stored.dtype != model["playlist_embeddings"].dtype:
+            as_stored = {**model, "playlist_embeddings": stored}
+            name = f"old_ranker_{stored.dtype}"  # the old kernel on the table as stored
+            contenders[name] = (BlockedRanker(**as_stored, k=k, check=False).rank, jobs)
         few = jobs[: max(2, jobs_per_repeat // 8)]
         contenders["per_user_loop"] = (per_user_loop(model, k), few)
         contenders["padded_bmm"] = (padded_bmm(model, k), few)
@@ -236,7 +212,8 @@ def run(
     return result
 
 
-def _table(result: dict[str, Any]) -> str:
+def table(result: dict[str, Any]) -> str:
+    """The figures of ``run`` as a text table, with the speed-ups over each baseline."""
     rows = [("ranker", result), *result.get("baselines", {}).items()]
     lines = [
         f"{result['source']}: {result['users']:,} users, {result['playlists']:,} playlists, "
@@ -255,46 +232,3 @@ def _table(result: dict[str, Any]) -> str:
         speedup = result["users_per_s"] / fig["users_per_s"]
         lines.append(f"ranker speed-up over {name}: {speedup:.1f}x")
     return "\n".join(lines)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Command line: prints a table, and with --json a JSON object as the last line."""
-    parser = argparse.ArgumentParser(prog="bench_rank", description=__doc__.splitlines()[0])
-    parser.add_argument("--users", type=int, default=1_000_000)
-    parser.add_argument("--playlists", type=int, default=1_000_000)
-    parser.add_argument("--dim", type=int, default=128)
-    parser.add_argument("--k", type=int, default=10)
-    parser.add_argument("--distribution", choices=("zipf", "uniform"), default="zipf")
-    parser.add_argument("--dtype", choices=("float32", "float16"), default="float32")
-    parser.add_argument("--job-size", type=int, default=1000)
-    parser.add_argument("--jobs", type=int, default=40, help="jobs timed per repeat")
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--artifacts", type=Path, default=None, help="artifact directory")
-    parser.add_argument("--compare", action="store_true", help="also time the baselines")
-    parser.add_argument("--json", action="store_true", help="end with one JSON line")
-    args = parser.parse_args(argv)
-    result = run(
-        users=args.users,
-        playlists=args.playlists,
-        dim=args.dim,
-        k=args.k,
-        job_size=args.job_size,
-        repeats=args.repeats,
-        threads=args.threads,
-        distribution=args.distribution,
-        artifacts=args.artifacts,
-        jobs_per_repeat=args.jobs,
-        compare=args.compare,
-        dtype=args.dtype,
-        seed=args.seed,
-    )
-    print(_table(result))
-    if args.json:
-        print(json.dumps(result, sort_keys=True))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
