@@ -121,6 +121,23 @@ class Consumer:
         model = self.handler.models.current()
         return self.handler.models.shard or 0, model.shards
 
+    @staticmethod
+    def _process_events(connection: pika.BlockingConnection) -> None:
+        """Run pika's I/O for half a second.
+
+        Raises pika.exceptions.StreamLostError when the connection is closed or closes
+        under the call: pika closes it from inside a callback when the node goes away, and
+        its next timer call then fails with a ValueError rather than an AMQP error.
+        """
+        if not connection.is_open:
+            raise pika.exceptions.StreamLostError("the broker connection is closed")
+        try:
+            connection.process_data_events(time_limit=0.5)
+        except ValueError:
+            if connection.is_open:
+                raise
+            raise pika.exceptions.StreamLostError("the broker connection closed") from None
+
     def _consume_once(self) -> None:
         s = self.settings
         # pika tries the nodes in turn; a cluster node that went away is skipped.
@@ -141,7 +158,7 @@ class Consumer:
             log.info("consuming %s (prefetch %d)", self._jobs_queue, s.prefetch)
             next_sample = 0.0
             while not self._stopping.is_set():
-                connection.process_data_events(time_limit=0.5)
+                self._process_events(connection)
                 self._last_tick = time.monotonic()
                 if self.sample_queues and self._last_tick >= next_sample:
                     self._sample_queues(connection)

@@ -237,7 +237,8 @@ def test_network_cut_and_black_hole_between_worker_and_broker(
         connections_reset=cut,
         connections_black_holed=holed,
     )
-    assert cut >= 4 and holed >= 2
+    # Each cut resets the connections open at that moment: at least both workers' once.
+    assert cut >= 2 and holed >= 2
     assert_invariant(tally)
     assert tally.dlq == 0
 
