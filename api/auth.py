@@ -251,6 +251,28 @@ def require(role: Role) -> Callable[..., Coroutine[Any, Any, None]]:
     return dependency
 
 
+async def calling_key(guard: GuardDep, credentials: Credentials) -> ApiKey | None:
+    """The API key of the request (checked by the route's role dependency), or None on an
+    open gateway."""
+    if guard.open or credentials is None:
+        return None
+    return guard.lookup(credentials.credentials)
+
+
+CallingKeyDep = Annotated[ApiKey | None, Depends(calling_key)]
+
+
+def check_owner(owner: str | None, key: ApiKey | None, what: str) -> None:
+    """Let ``key`` act on something opened by the key named ``owner``: the same key, an
+    operator, or anyone on an open gateway (``owner`` None).
+
+    Raises Forbidden when another key opened it.
+    """
+    if owner is None or key is None or key.name == owner or Role.OPERATOR in key.roles:
+        return
+    raise Forbidden(f"{what} was opened by another API key")
+
+
 @dataclass(frozen=True)
 class FeedbackCaller:
     """Who records feedback: a key with the feedback role, or the page with a token."""

@@ -16,6 +16,7 @@ A ledger is the hash ``P:b:{<batch_id>}`` (shared.keys). Fields:
     publish_failed          why the broker refused some of its jobs
     publishing publish_lease_until   gateway requests publishing into it now, and when
                             the latest one's lease ends (a count left past it: a dead gateway)
+    owner                   the name of the API key that opened the batch (api/routes/batches)
 """
 
 from __future__ import annotations

@@ -39,12 +39,15 @@ from recfleet.shared.codec import encode_results, model_tag
 from recfleet.shared.keys import Keys
 from recfleet.shared.settings import Settings
 from tests.support.net import free_port
+from tests.support.polling import wait_until
 from tests.support.settings import make_settings, purge
 
 if TYPE_CHECKING:
     from recfleet.worker.consumer import Consumer
 
 KEYS = {role: new_key() for role in Role}
+# A second client with the submit role, to try acting on the first one's batch.
+OTHER_SUBMIT_KEY = new_key()
 SMALL = 1024  # bytes: the most any refusal below may answer with
 SUBMIT = "/api/playlist/beta_recommend/"
 SHOWN_USER = 4242
@@ -63,7 +66,10 @@ def hostile_settings(
 ) -> Iterator[Settings]:
     s = make_settings(
         tmp_path_factory.mktemp("no-artifacts"),
-        api_keys=",".join(entry(role.value, key, [role]) for role, key in KEYS.items()),
+        api_keys=",".join(
+            [entry(role.value, key, [role]) for role, key in KEYS.items()]
+            + [entry("other-client", OTHER_SUBMIT_KEY, [Role.SUBMIT])]
+        ),
         page_secret="a-test-secret-of-enough-length",
         database_url=PostgresDsn(database_url),
         header_timeout_s=1.0,
@@ -157,6 +163,23 @@ def test_operations_need_a_key_with_their_role(gateway: str) -> None:
         assert httpx.get(f"{gateway}{probe}").status_code == 200
 
 
+def test_only_the_key_that_opened_a_batch_appends_to_it_or_seals_it(gateway: str) -> None:
+    opened = httpx.post(f"{gateway}/api/batches", json={}, headers=bearer(Role.SUBMIT))
+    assert opened.status_code == 201
+    batch_id = opened.json()["batch_id"]
+    other = {"Authorization": f"Bearer {OTHER_SUBMIT_KEY}"}
+    body = orjson.dumps({"user_ids": [1, 2], "batch_id": batch_id})
+    appended = post(gateway, SUBMIT, body, other)
+    assert appended.status_code == 403 and "another API key" in appended.json()["detail"]
+    sealed = httpx.post(f"{gateway}/api/batches/{batch_id}/seal", headers=other)
+    assert sealed.status_code == 403 and len(sealed.content) < SMALL
+    assert post(gateway, SUBMIT, body).status_code == 202  # its own key
+    seal = httpx.post(f"{gateway}/api/batches/{batch_id}/seal", headers=bearer(Role.OPERATOR))
+    assert seal.status_code == 403  # an operator key without the submit role
+    seal = httpx.post(f"{gateway}/api/batches/{batch_id}/seal", headers=bearer(Role.SUBMIT))
+    assert seal.status_code == 200 and seal.json()["sealed"] is True
+
+
 def test_reading_a_result_needs_the_read_role(gateway: str) -> None:
     # The read route checks its key in the route itself (the hot path): same answers.
     url = f"{gateway}/api/playlist/5"
@@ -218,6 +241,13 @@ def test_the_page_records_feedback_only_for_impressions_it_served(
     gateway: str, hostile_settings: Settings
 ) -> None:
     write_result(hostile_settings, SHOWN_USER, [11, 12, 13])
+    # The gateway re-reads the list of generations every generation_refresh_s.
+    read = f"{gateway}/api/playlist/{SHOWN_USER}"
+    wait_until(
+        lambda: httpx.get(read, headers=bearer(Role.READ)).status_code == 200,
+        timeout=10 + hostile_settings.generation_refresh_s,
+        what="the new generation to be read",
+    )
     page = httpx.get(f"{gateway}/")
     assert page.status_code == 200 and "Bearer" not in page.text
     token = page.text.split('name="recfleet-page-token" content="')[1].split('"')[0]

@@ -15,7 +15,7 @@ from fastapi import APIRouter, Header, HTTPException, Path, Query, Security, sta
 from redis.asyncio import Redis
 
 from recfleet.api import metrics
-from recfleet.api.auth import Role, require
+from recfleet.api.auth import ApiKey, CallingKeyDep, Role, check_owner, require
 from recfleet.api.broker import Publisher, PublishFailed
 from recfleet.api.deps import KeysDep, PublisherDep, RedisDep, ResultsDep, SettingsDep
 from recfleet.api.idempotency import KEY_PATTERN, IdempotencyStore, digest
@@ -44,6 +44,14 @@ from recfleet.shared.messages import ID_PATTERN, Job, new_id
 from recfleet.shared.settings import Settings
 
 log = logging.getLogger(__name__)
+# The ledger field naming the API key that opened a batch (absent on an open gateway).
+OWNER = "owner"
+
+
+def _text(value: bytes | str | None) -> str | None:
+    return value.decode() if isinstance(value, bytes) else value
+
+
 router = APIRouter(tags=["batches"], route_class=OrjsonRoute)
 BatchId = Annotated[str, Path(pattern=ID_PATTERN)]
 MAX_FAILED_USERS = 100_000
@@ -82,6 +90,7 @@ async def submit_batch(
     redis: RedisDep,
     keys: KeysDep,
     publisher: PublisherDep,
+    caller: CallingKeyDep,
     idempotency_key: Annotated[
         str | None,
         Header(
@@ -103,7 +112,7 @@ async def submit_batch(
             f"{len(body.user_ids)} user ids; at most {s.max_users_per_request} per request",
         )
     if idempotency_key is None:
-        return await _queue(body, s, redis, keys, publisher)
+        return await _queue(body, s, redis, keys, publisher, caller)
     store = IdempotencyStore(redis, s.redis_prefix, s.idempotency_window_s, publish_lease_s(s))
     # "run" joins the digest only when set: an ad-hoc body digests as it always did.
     fields = [body.batch_id, body.user_ids, *([True] if body.run else [])]
@@ -112,7 +121,7 @@ async def submit_batch(
     if earlier is not None:
         return BatchAccepted(**earlier)
     try:
-        accepted = await _queue(body, s, redis, keys, publisher)
+        accepted = await _queue(body, s, redis, keys, publisher, caller)
     except BaseException:
         await store.abandon(idempotency_key)
         raise
@@ -133,12 +142,18 @@ router.add_api_route(
 
 
 async def _queue(
-    body: BatchRequest, s: Settings, redis: Redis, keys: Keys, publisher: Publisher
+    body: BatchRequest,
+    s: Settings,
+    redis: Redis,
+    keys: Keys,
+    publisher: Publisher,
+    caller: ApiKey | None,
 ) -> BatchAccepted:
     """Record the jobs in the batch ledger and publish them.
 
-    Raises HTTPException 404/409 for an unknown or sealed batch, PublishFailed (503)
-    when the broker did not confirm every job.
+    Raises HTTPException 404/409 for an unknown or sealed batch, Forbidden (403) for a
+    batch another key opened, PublishFailed (503) when the broker did not confirm every
+    job.
     """
     user_ids = unique_in_order(body.user_ids)
     router = publisher.router
@@ -158,6 +173,7 @@ async def _queue(
     else:
         batch_id = body.batch_id
         ledger = keys.batch(batch_id)
+        check_owner(_text(await redis.hget(ledger, OWNER)), caller, f"batch {batch_id}")
         first = int(
             await redis.eval(APPEND_SCRIPT, 1, ledger, n_jobs, len(user_ids), s.batch_ttl_s)
         )
@@ -218,17 +234,25 @@ async def _undo(redis: Redis, ledger: str, failed: list[Job], reason: str) -> No
     dependencies=SUBMIT,
 )
 async def open_batch(
-    s: SettingsDep, redis: RedisDep, keys: KeysDep, body: BatchOpen | None = None
+    s: SettingsDep,
+    redis: RedisDep,
+    keys: KeysDep,
+    caller: CallingKeyDep,
+    body: BatchOpen | None = None,
 ) -> BatchOpened:
     """Open a batch that several requests append users to; seal it when all are in.
+    Only the key that opened it (or an operator's) may append to it or seal it.
 
     With ``{"run": true}`` it is a declared run (a new generation); without, ad-hoc. A
     batch that never gets a user is forgotten after ``open_batch_ttl_s``."""
     run = body.run if body else False
     batch_id = new_id()
     ledger = keys.batch(batch_id)
+    fields = new_batch_fields(0, 0, sealed=False, run=run)
+    if caller is not None:
+        fields[OWNER] = caller.name
     async with redis.pipeline(transaction=True) as pipe:
-        pipe.hset(ledger, mapping=new_batch_fields(0, 0, sealed=False, run=run))  # type: ignore[arg-type]
+        pipe.hset(ledger, mapping=fields)  # type: ignore[arg-type]
         pipe.expire(ledger, s.open_batch_ttl_s)
         await pipe.execute()
     return BatchOpened(batch_id=batch_id, run=run)
@@ -241,10 +265,17 @@ async def open_batch(
     responses={404: {"model": Problem}},
 )
 async def seal_batch(
-    batch_id: BatchId, s: SettingsDep, redis: RedisDep, keys: KeysDep, results: ResultsDep
+    batch_id: BatchId,
+    s: SettingsDep,
+    redis: RedisDep,
+    keys: KeysDep,
+    results: ResultsDep,
+    caller: CallingKeyDep,
 ) -> BatchStatus:
-    """No more users for this batch. If every job already finished, run the switch now."""
+    """No more users for this batch. If every job already finished, run the switch now.
+    Only the key that opened the batch (or an operator's) may seal it."""
     ledger = keys.batch(batch_id)
+    check_owner(_text(await redis.hget(ledger, OWNER)), caller, f"batch {batch_id}")
     outcome = int(await redis.eval(SEAL_SCRIPT, 1, ledger))
     if outcome == -1:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"no batch {batch_id}")
