@@ -14,9 +14,10 @@ from recfleet.cli.bench_hostile import bench_hostile
 from recfleet.cli.bench_reads import bench_reads
 from recfleet.cli.bench_store import bench_store
 from recfleet.cli.client import console
+from recfleet.cli.context import settings_from
 from recfleet.cli.measure import cleanup, measure
 from recfleet.shared.messages import new_id
-from recfleet.shared.settings import Settings, get_settings
+from recfleet.shared.settings import Settings
 
 
 @click.group()
@@ -130,7 +131,7 @@ def bench_fleet(
     from recfleet.shared.artifacts import current_dir
     from recfleet.worker import bench_rank as rank_program
 
-    base = get_settings()
+    base = settings_from(click.get_current_context())
     if shards is not None:
         _bench_shards(
             base, users, repeats, artifacts or base.artifacts, shards, sharded_artifacts, as_json

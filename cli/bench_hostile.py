@@ -23,10 +23,11 @@ from rich.table import Table
 
 from recfleet.api.auth import Role, entry, new_key
 from recfleet.cli.client import console
+from recfleet.cli.context import settings_from
 from recfleet.cli.fleet import LocalFleet
 from recfleet.cli.measure import cleanup
 from recfleet.shared.messages import new_id
-from recfleet.shared.settings import Settings, get_settings
+from recfleet.shared.settings import Settings
 
 Request = Callable[[httpx.Client], httpx.Response]
 
@@ -108,7 +109,7 @@ def bench_hostile(repeats: int, as_json: bool) -> None:
     """Status, answer size and gateway CPU of each class of hostile request."""
     submit_key, read_key = new_key(), new_key()
     keys = f"{entry('bench', submit_key, [Role.SUBMIT])},{entry('reader', read_key, [Role.READ])}"
-    settings: Settings = get_settings().isolated(
+    settings: Settings = settings_from(click.get_current_context()).isolated(
         f"rfbench-{new_id()[:10]}",
         api_port=_free_port(),
         api_keys=keys,

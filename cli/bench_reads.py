@@ -20,13 +20,14 @@ import httpx
 import numpy as np
 
 from recfleet.cli.bench_bare import GENERATION
+from recfleet.cli.context import settings_from
 from recfleet.cli.fleet import LocalFleet, settings_env
 from recfleet.cli.measure import cleanup
 from recfleet.shared.codec import encode_results, model_tag
 from recfleet.shared.keys import Keys, bucket_mappings
 from recfleet.shared.messages import new_id
 from recfleet.shared.redis import redis_client
-from recfleet.shared.settings import Settings, get_settings
+from recfleet.shared.settings import Settings
 
 WRK_SCRIPT = """
 math.randomseed(os.time())
@@ -201,7 +202,7 @@ def bench_reads(
     wrk = shutil.which("wrk")
     if wrk is None:
         raise click.ClickException("wrk is not installed (Debian: apt-get install wrk)")
-    base = get_settings()
+    base = settings_from(click.get_current_context())
     run_id = new_id()[:8]
     s = base.isolated(f"bench-{run_id}", api_port=base.api_port + 19, log_level="WARNING")
     runs: dict[str, list[dict[str, float]]] = {"gateway": [], "bare": []}

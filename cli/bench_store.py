@@ -10,12 +10,12 @@ import numpy as np
 import orjson
 import redis
 
+from recfleet.cli.context import settings_from
 from recfleet.shared.codec import encode_results, model_tag
 from recfleet.shared.keys import Keys, bucket_mappings
 from recfleet.shared.messages import new_id
 from recfleet.shared.redis import redis_client
 from recfleet.shared.retention import unlink_matching
-from recfleet.shared.settings import get_settings
 
 CHUNK = 10_000
 
@@ -69,7 +69,7 @@ def bench_store(users: int, top_k: int, as_json: bool) -> None:
     """Write USERS results in recfleet's layout (packed, bucketed hashes) and in the naive one
     (a JSON string per user in one big hash); report INFO memory bytes per user for each.
     Uses its own key prefix on the configured Redis and deletes it afterwards."""
-    s = get_settings()
+    s = settings_from(click.get_current_context())
     client = redis_client(s)
     prefix = f"bench-{new_id()[:8]}"
     figures = {}

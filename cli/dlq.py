@@ -12,7 +12,8 @@ import pika
 import pika.exceptions
 from pika.adapters.blocking_connection import BlockingChannel
 
-from recfleet.shared.settings import Settings, get_settings
+from recfleet.cli.context import settings_from
+from recfleet.shared.settings import Settings
 from recfleet.shared.topology import HEADER_BATCH_ID, HEADER_DEAD_REASON, HEADER_USERS
 
 
@@ -122,7 +123,7 @@ def dlq() -> None:
 @_with_selection
 def dlq_list(batch_id: str | None, job_id: str | None, limit: int) -> None:
     """List dead-lettered jobs with the reason each was dead-lettered."""
-    s = get_settings()
+    s = settings_from(click.get_current_context())
     with _channel(s) as channel:
         jobs = _take_all(channel, s.dead_letter_queue, limit)
         shown = [j for j in jobs if j.matches(batch_id, job_id)]
@@ -141,7 +142,7 @@ def dlq_list(batch_id: str | None, job_id: str | None, limit: int) -> None:
 def dlq_replay(batch_id: str | None, job_id: str | None, limit: int) -> None:
     """Publish the selected jobs to the jobs queue they died in again (confirmed: a shard's
     queue for a sharded model), then drop them here."""
-    s = get_settings()
+    s = settings_from(click.get_current_context())
     replayed = 0
     targets: set[str] = set()
     with _channel(s) as channel:
@@ -197,7 +198,7 @@ def dlq_purge(batch_id: str | None, job_id: str | None, limit: int, yes: bool) -
     if not yes:
         what = f"batch {batch_id}" if batch_id else f"job {job_id}" if job_id else "every job"
         click.confirm(f"drop {what} from the dead-letter queue?", abort=True)
-    s = get_settings()
+    s = settings_from(click.get_current_context())
     dropped = 0
     with _channel(s) as channel:
         for j in _take_all(channel, s.dead_letter_queue, limit):

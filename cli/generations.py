@@ -7,16 +7,17 @@ import time
 import click
 import redis
 
+from recfleet.cli.context import settings_from
 from recfleet.shared.generations import activate, history
 from recfleet.shared.keys import BASE, Keys
 from recfleet.shared.ledger import LedgerStatus
 from recfleet.shared.redis import redis_client
 from recfleet.shared.retention import prune, usage
-from recfleet.shared.settings import Settings, get_settings
+from recfleet.shared.settings import Settings
 
 
 def _client() -> tuple[redis.Redis, Keys, Settings]:
-    s = get_settings()
+    s = settings_from(click.get_current_context())
     return redis_client(s), Keys(s.redis_prefix), s
 
 
