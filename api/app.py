@@ -16,7 +16,6 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
 from fastapi_offline import FastAPIOffline
 from prometheus_client import start_http_server
-from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -33,6 +32,7 @@ from recfleet.api.schemas import Problem
 from recfleet.api.sync import SyncRequester
 from recfleet.shared.errors import RecfleetError, TransientError
 from recfleet.shared.keys import Keys
+from recfleet.shared.redis import async_redis_client
 from recfleet.shared.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -46,8 +46,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         publisher = Publisher(settings)
-        redis = Redis.from_url(str(settings.redis_url))
-        sync = SyncRequester(settings)
+        redis = async_redis_client(settings)
+        sync = SyncRequester(settings, publisher.router)
         publisher.on_connect(sync.start)
         # Returns even when the broker is down: /readyz says 503 until it connects.
         await publisher.start()
@@ -67,12 +67,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         state.results = ResultReader(
             redis,
             state.keys,
-            GenerationCache(
-                redis,
-                state.keys,
-                settings.read_depth,
-                settings.generation_refresh_s,
-            ),
+            GenerationCache(redis, state.keys, settings.generation_refresh_s),
         )
         metrics_server = None
         if settings.api_metrics_port:
@@ -116,7 +111,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(MetricsMiddleware)
     app.add_middleware(SecurityHeaders)
     app.add_middleware(ConcurrencyLimit, limit=settings.max_concurrency)
-    for router in (batches, drift, playlists, health, feedback, page):
+    # Routes match in order: the hottest (GET /api/playlist/{user_id}) first.
+    for router in (playlists, batches, drift, health, feedback, page):
         app.include_router(router.router)
     app.mount("/static", page.static_files(), name="static")
     app.add_exception_handler(RecfleetError, _recfleet_error)

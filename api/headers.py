@@ -29,12 +29,20 @@ COMMON = [
 ]
 
 
-def policy(path: str) -> bytes:
+def policy(path: str) -> str:
+    """The content security policy of the answers under ``path``."""
     if path == "/" or path.startswith("/static/"):
-        return PAGE_CSP.encode()
+        return PAGE_CSP
     if path.startswith(DOCS_PATHS):
-        return DOCS_CSP.encode()
-    return API_CSP.encode()
+        return DOCS_CSP
+    return API_CSP
+
+
+# The headers each policy adds, built once.
+EXTRA = {
+    csp: [*COMMON, (b"content-security-policy", csp.encode())]
+    for csp in (PAGE_CSP, DOCS_CSP, API_CSP)
+}
 
 
 class SecurityHeaders:
@@ -47,12 +55,12 @@ class SecurityHeaders:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        extra = [*COMMON, (b"content-security-policy", policy(scope["path"]))]
+        extra = EXTRA[policy(scope["path"])]
 
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
-                present = {name.lower() for name, _ in message.get("headers", [])}
                 headers = list(message.get("headers", []))
+                present = {name.lower() for name, _ in headers}
                 headers += [(n, v) for n, v in extra if n not in present]
                 message = {**message, "headers": headers}
             await send(message)

@@ -3,7 +3,8 @@ size and read time, and a JSON parser that refuses what is not plain JSON.
 
 The ASGI parts (``BodyLimits``, ``ConcurrencyLimit``, ``OrjsonRoute``) work under any
 server; the transport parts (header size and read deadline, idle keep-alive) are
-uvicorn's h11 protocol with a header deadline added, started by ``run_gateway``.
+uvicorn's httptools protocol with a header size bound and deadline added, started by
+``run_gateway``.
 """
 
 from __future__ import annotations
@@ -14,12 +15,11 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-import h11
 import orjson
 from fastapi import Request, Response
 from fastapi.routing import APIRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
-from uvicorn.protocols.http.h11_impl import H11Protocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from recfleet.shared.settings import Settings
 
@@ -66,7 +66,11 @@ class BodyLimits:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        declared = dict(scope["headers"]).get(b"content-length")
+        headers = dict(scope["headers"])
+        declared = headers.get(b"content-length")
+        if declared is None and b"transfer-encoding" not in headers:
+            await self.app(scope, receive, send)  # no body to bound (a GET, a probe)
+            return
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
             await self._refuse(send, 413, f"request body larger than {self.max_bytes} bytes")
             return
@@ -166,16 +170,26 @@ class OrjsonRoute(APIRoute):
         return orjson_handler
 
 
-class BoundedH11Protocol(H11Protocol):
-    """uvicorn's h11 protocol with a deadline on each request's line and headers.
+class HeadTooLarge(Exception):
+    """A request line and headers longer than the gateway accepts."""
 
-    uvicorn bounds the header size (``h11_max_incomplete_event_size``) and idle
-    keep-alive, but a client that sends its headers a byte at a time keeps the
-    connection forever; this closes it after ``header_timeout_s``.
+
+class BoundedHttpToolsProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with a bound on each request's line and headers and a
+    deadline on their arrival.
+
+    httptools itself bounds neither: a client could send megabytes of headers, or send
+    them a byte at a time and keep the connection forever. The size is counted as the
+    parser hands the pieces over, so the bound is exact whatever the reads; past it the
+    parser stops (uvicorn answers 400 and closes). The deadline closes a connection whose
+    request line and headers are not in ``header_timeout_s`` after it opened or after the
+    previous answer.
     """
 
     header_timeout_s = 10.0
+    max_header_bytes = 16 * 1024
     _header_deadline: asyncio.TimerHandle | None = None
+    _head_bytes = 0
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -185,15 +199,32 @@ class BoundedH11Protocol(H11Protocol):
         self._disarm_header_deadline()
         super().connection_lost(exc)
 
-    def handle_events(self) -> None:
-        super().handle_events()
-        if self.conn.their_state is not h11.IDLE:
-            self._disarm_header_deadline()  # the request's headers are in
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._head_bytes = 0
+
+    def on_url(self, url: bytes) -> None:
+        self._count(len(url))
+        super().on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._count(len(name) + len(value) + 4)  # with ": " and the line end
+        super().on_header(name, value)
+
+    def on_headers_complete(self) -> None:
+        self._disarm_header_deadline()  # the request's headers are in
+        super().on_headers_complete()
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
         if not self.transport.is_closing():
             self._arm_header_deadline()
+
+    def _count(self, n: int) -> None:
+        """Raises HeadTooLarge past the bound (the parser turns it into a parse error)."""
+        self._head_bytes += n
+        if self._head_bytes > self.max_header_bytes:
+            raise HeadTooLarge(f"request line and headers over {self.max_header_bytes} bytes")
 
     def _arm_header_deadline(self) -> None:
         self._disarm_header_deadline()
@@ -205,7 +236,9 @@ class BoundedH11Protocol(H11Protocol):
             self._header_deadline = None
 
     def _headers_late(self) -> None:
-        if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+        self._header_deadline = None
+        idle = self.cycle is None or self.cycle.response_complete  # no request under way
+        if idle and not self.transport.is_closing():
             self.transport.close()
 
 
@@ -217,15 +250,19 @@ def run_gateway(app: ASGIApp, settings: Settings, host: str, port: int) -> None:
 
 
 def server_options(settings: Settings) -> dict[str, Any]:
-    """uvicorn's options for the gateway: h11 with bounded headers, header deadline and
-    idle keep-alive; a connection limit above the app's own request limit (the app
-    answers 503 with Retry-After first, uvicorn's bare 503 is the backstop)."""
+    """uvicorn's options for the gateway: httptools with bounded headers, a header
+    deadline and idle keep-alive; a connection limit above the app's own request limit
+    (the app answers 503 with Retry-After first, uvicorn's bare 503 is the backstop)."""
     protocol = type(
-        "GatewayH11Protocol", (BoundedH11Protocol,), {"header_timeout_s": settings.header_timeout_s}
+        "GatewayHttpProtocol",
+        (BoundedHttpToolsProtocol,),
+        {
+            "header_timeout_s": settings.header_timeout_s,
+            "max_header_bytes": settings.max_header_bytes,
+        },
     )
     return {
         "http": protocol,
-        "h11_max_incomplete_event_size": settings.max_header_bytes,
         "timeout_keep_alive": settings.keep_alive_s,
         "limit_concurrency": settings.max_concurrency * 2 + 16,
         "log_level": settings.log_level.lower(),

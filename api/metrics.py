@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -64,10 +65,14 @@ DRIFT_CRAMERS_V = Gauge(
 
 
 class MetricsMiddleware:
-    """Counts requests and times them by route template (bounded label values)."""
+    """Counts requests and times them by route template (bounded label values).
+
+    The labelled children are kept: looking one up costs more than the observation."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
+        self._counts: dict[tuple[str, str, int], Any] = {}
+        self._durations: dict[tuple[str, str], Any] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -88,5 +93,14 @@ class MetricsMiddleware:
             route = scope.get("route")
             template = getattr(route, "path", "unmatched")
             method = scope.get("method", "")
-            HTTP_REQUESTS.labels(template, method, str(status)).inc()
-            HTTP_DURATION.labels(template, method).observe(time.perf_counter() - start)
+            count = self._counts.get((template, method, status))
+            if count is None:
+                count = HTTP_REQUESTS.labels(template, method, str(status))
+                self._counts[(template, method, status)] = count
+            count.inc()
+            duration = self._durations.get((template, method))
+            if duration is None:
+                duration = self._durations[(template, method)] = HTTP_DURATION.labels(
+                    template, method
+                )
+            duration.observe(time.perf_counter() - start)

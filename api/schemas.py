@@ -8,7 +8,14 @@ from typing import Annotated, Any, NoReturn
 
 import numpy as np
 from fastapi import Path
-from pydantic import BaseModel, BeforeValidator, Field, PlainValidator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    Field,
+    PlainValidator,
+    StrictBool,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
 
 from recfleet.shared.messages import ID_PATTERN, MAX_USER_ID, ClosedModel, UserId
@@ -88,10 +95,33 @@ class BatchRequest(UserIdsRequest):
     batch_id: str | None = Field(
         default=None, pattern=ID_PATTERN, description="an open batch to append these users to"
     )
+    run: StrictBool = Field(
+        default=False,
+        description="without batch_id: the request is a whole declared run (a new "
+        "generation, made current when complete and past its gates); otherwise ad-hoc",
+    )
+
+    @model_validator(mode="after")
+    def _run_is_declared_when_opened(self) -> BatchRequest:
+        if self.run and self.batch_id is not None:
+            raise ValueError("run is declared when the batch is opened (POST /api/batches)")
+        return self
+
+
+class BatchOpen(ClosedModel):
+    """Options of a batch opened for appending."""
+
+    run: StrictBool = Field(
+        default=False,
+        description="a declared run: its own generation, made current for every reader "
+        "at once when sealed, complete and past its gates; otherwise ad-hoc: each job's "
+        "results go into the current generation as it finishes",
+    )
 
 
 class BatchOpened(BaseModel):
     batch_id: str
+    run: bool = False
 
 
 class BatchAccepted(BaseModel):
@@ -117,7 +147,10 @@ class BatchStatus(BaseModel):
     users_per_s: float | None
     eta_s: float | None
     sealed: bool = Field(description="false while users may still be appended")
-    gen_state: str = Field(description="pending | active (current) | rejected | retired")
+    run: bool = Field(description="a declared run (its own generation), else ad-hoc")
+    gen_state: str = Field(
+        description="a run: pending | active | rejected | retired; any other batch: ad-hoc"
+    )
     gen_reason: str | None = Field(description="why the batch was not made current")
     activated_at: float | None
     model_version: str | None = Field(description="the model pinned by the first job")
@@ -136,7 +169,9 @@ class UserResult(BaseModel):
     model_version: str
     generated_at: float
     cold: bool
-    generation: str = Field(description="the batch whose run produced this result")
+    generation: str = Field(
+        description="the generation (declared run, or live) the result was read from"
+    )
 
 
 class SyncResult(BaseModel):

@@ -9,6 +9,7 @@ import aio_pika
 import orjson
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobustConnection
 
+from recfleet.api.routing import ShardRouter
 from recfleet.shared.errors import TransientError
 from recfleet.shared.messages import CONTENT_TYPE, Job
 from recfleet.shared.settings import Settings
@@ -33,8 +34,10 @@ class SyncRequester:
     same channel that publishes, so no reply queue is ever declared.
     """
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, router: ShardRouter | None = None) -> None:
         self._settings = settings
+        # Which shard's sync queue each user goes to (the publisher's router).
+        self._router = router or ShardRouter(settings)
         self._channel: AbstractChannel | None = None
         self._waiting: dict[str, asyncio.Future[bytes]] = {}
 
@@ -48,8 +51,32 @@ class SyncRequester:
         if future is not None and not future.done():
             future.set_result(message.body)
 
-    async def request(self, job: Job) -> list[dict]:
-        """Send ``job`` and return the worker's answer.
+    async def request_routed(self, job: Job) -> list[dict]:
+        """Send each shard its part of ``job`` at once and return the answers in order.
+
+        Raises SyncTimeout when a shard does not answer in time, and BrokerUnavailable
+        when the broker cannot be reached.
+        """
+        router = self._router
+        parts = router.split(job.user_ids)
+        if len(parts) == 1:
+            return await self.request(job, router.sync_queue(parts[0]))
+        answers = await asyncio.gather(
+            *(
+                self.request(
+                    job.model_copy(
+                        update={"job_id": f"{job.job_id}-{p.shard}", "user_ids": p.user_ids}
+                    ),
+                    router.sync_queue(p),
+                )
+                for p in parts
+            )
+        )
+        by_user = {row["user_id"]: row for rows in answers for row in rows}
+        return [by_user[u] for u in job.user_ids]
+
+    async def request(self, job: Job, queue: str | None = None) -> list[dict]:
+        """Send ``job`` (to ``queue``, or the sync queue) and return the worker's answer.
 
         Raises SyncTimeout when no answer arrives within ``sync_timeout_s``, and
         BrokerUnavailable when the broker cannot be reached.
@@ -70,7 +97,7 @@ class SyncRequester:
                     message_id=job.job_id,
                     expiration=timeout,
                 ),
-                routing_key=self._settings.sync_queue,
+                routing_key=queue or self._settings.sync_queue,
                 timeout=timeout,
             )
             body = await asyncio.wait_for(future, timeout)

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import click
 from rich.progress import Progress, SpinnerColumn, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from recfleet.cli.client import console
+from recfleet.cli.shards import artifacts_shard
 from recfleet.shared.errors import ArtifactError
 from recfleet.shared.logs import configure_logging
 
@@ -54,6 +56,7 @@ def artifacts() -> None:
     default=None,
     help="training triplets (.npy) exported from feedback",
 )
+@click.option("--shards", type=click.IntRange(1), default=None, help="split into N shards")
 @click.option(
     "--threads",
     type=click.IntRange(1),
@@ -62,28 +65,40 @@ def artifacts() -> None:
     help="threads for the candidate, tuning and evaluation stages (same artifacts for any)",
 )
 def artifacts_build(
-    out: Path, users: int, playlists: int, seed: int, feedback: Path | None, threads: int
+    out: Path,
+    users: int,
+    playlists: int,
+    seed: int,
+    feedback: Path | None,
+    shards: int | None,
+    threads: int,
 ) -> None:
-    """Generate interactions, pair users, train BPR and write a versioned artifact directory.
+    """Generate interactions, pair users, train BPR and write a versioned artifact directory
+    (with ``--shards N``, split by user-id range as ``recfleet artifacts shard`` does).
 
     On a terminal each stage shows live; the stage timings are printed at the end.
     """
     from recfleet.offline.build import build_artifacts
+    from recfleet.offline.shard import build_sharded
 
     configure_logging()
     columns = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
     live = console.is_terminal
     with Progress(*columns, console=console, disable=not live) as progress:
-        manifest = build_artifacts(
-            out,
-            n_users=users,
-            n_playlists=playlists,
-            seed=seed,
-            feedback=feedback,
-            threads=threads,
-            listener=_StageDisplay(progress),
-        )
-    console.print(_timings_table(manifest["timings"]))
+        build_args: dict[str, Any] = {
+            "n_users": users,
+            "n_playlists": playlists,
+            "seed": seed,
+            "feedback": feedback,
+            "threads": threads,
+            "listener": _StageDisplay(progress),
+        }
+        if shards is None:
+            manifest = build_artifacts(out, **build_args)
+        else:
+            manifest = build_sharded(out, shards, **build_args)
+    if "timings" in manifest:
+        console.print(_timings_table(manifest["timings"]))
     click.echo(f"wrote {out} (model {manifest['model_version']})")
 
 
@@ -91,13 +106,21 @@ def artifacts_build(
 @click.argument("path", type=click.Path(path_type=Path))
 def artifacts_check(path: Path) -> None:
     """Verify an artifact directory: files, checksums, shapes and format version."""
-    from recfleet.shared.artifacts import current_dir, load_artifacts
+    from recfleet.shared.artifacts import current_dir
+    from recfleet.shared.shards import load_model, read_shard_map
 
     try:
-        art = load_artifacts(current_dir(path))
+        directory = current_dir(path)
+        smap = read_shard_map(directory)
+        arts = [load_model(directory, k if smap.sharded else None) for k in range(smap.count)]
     except ArtifactError as exc:
         raise click.ClickException(str(exc)) from exc
+    art = arts[0]
     click.echo(
-        f"ok: {art.model_version}, {art.n_users} users, {art.n_playlists} playlists, "
-        f"{len(art.candidates_indices)} candidates"
+        f"ok: {art.model_version}, {sum(a.n_users for a in arts)} users in {len(arts)} "
+        f"shard(s), {art.n_playlists} playlists, "
+        f"{sum(len(a.candidates_indices) for a in arts)} candidates"
     )
+
+
+artifacts.add_command(artifacts_shard)

@@ -16,7 +16,7 @@ from recfleet.cli.bench_store import bench_store
 from recfleet.cli.client import console
 from recfleet.cli.measure import cleanup, measure
 from recfleet.shared.messages import new_id
-from recfleet.shared.settings import get_settings
+from recfleet.shared.settings import Settings, get_settings
 
 
 @click.group()
@@ -98,18 +98,44 @@ def _counts(spec: str) -> list[int]:
     default=None,
     help="artifact directory (default RECFLEET_ARTIFACTS)",
 )
+@click.option(
+    "--shards",
+    type=click.IntRange(2),
+    default=None,
+    help="compare N shards x 1 worker (--sharded-artifacts) with 1 shard x N workers",
+)
+@click.option(
+    "--sharded-artifacts",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    default=None,
+    help="the same model split into --shards shards (recfleet artifacts shard)",
+)
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object on the last line")
 def bench_fleet(
-    users: int, processes: str, repeats: int, artifacts: Path | None, as_json: bool
+    users: int,
+    processes: str,
+    repeats: int,
+    artifacts: Path | None,
+    shards: int | None,
+    sharded_artifacts: Path | None,
+    as_json: bool,
 ) -> None:
     """Submit users over HTTP to a local gateway and N workers; time until every result is in
     Redis. Uses its own queues and Redis prefix, deleted afterwards. After each run, one
     thread ranks jobs of the same model alone (no broker), so the fleet's figure has a
-    same-run yardstick."""
+    same-run yardstick.
+
+    With --shards N: one worker per shard of --sharded-artifacts against N workers on the
+    unsharded --artifacts, with each worker process's private and shared memory."""
     from recfleet.shared.artifacts import current_dir
     from recfleet.worker import bench_rank as rank_program
 
     base = get_settings()
+    if shards is not None:
+        _bench_shards(
+            base, users, repeats, artifacts or base.artifacts, shards, sharded_artifacts, as_json
+        )
+        return
     model_dir = current_dir(artifacts or base.artifacts)
     rows: list[dict[str, Any]] = []
     alone: list[float] = []
@@ -166,6 +192,39 @@ def bench_fleet(
                 f"median total {r['total_s']:.2f}s  {r['users_per_s']:,.0f} users/s "
                 f"({r['users_per_s'] / ranking:.2f}x ranking alone on one thread)"
             )
+
+
+def _bench_shards(
+    base: Settings,
+    users: int,
+    repeats: int,
+    whole: Path,
+    shards: int,
+    sharded: Path | None,
+    as_json: bool,
+) -> None:
+    from recfleet.cli.bench_shards import compare, print_table
+
+    if sharded is None:
+        raise click.UsageError("--shards needs --sharded-artifacts (recfleet artifacts shard)")
+    with tempfile.TemporaryDirectory(prefix="recfleet-bench-") as logs:
+        try:
+            rows = compare(
+                base,
+                whole=whole,
+                sharded=sharded,
+                shards=shards,
+                users=users,
+                repeats=repeats,
+                logs=Path(logs),
+                show=not as_json,
+            )
+        except ValueError as exc:
+            raise click.UsageError(str(exc)) from exc
+    for line in print_table(rows):
+        click.echo(line)
+    if as_json:
+        click.echo(json.dumps({"benchmark": "fleet-shards", "shards": shards, "layouts": rows}))
 
 
 bench.add_command(bench_store)

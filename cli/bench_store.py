@@ -11,9 +11,10 @@ import orjson
 import redis
 
 from recfleet.shared.codec import encode_results, model_tag
-from recfleet.shared.generations import unlink_matching
 from recfleet.shared.keys import Keys, bucket_mappings
 from recfleet.shared.messages import new_id
+from recfleet.shared.redis import redis_client
+from recfleet.shared.retention import unlink_matching
 from recfleet.shared.settings import get_settings
 
 CHUNK = 10_000
@@ -69,7 +70,7 @@ def bench_store(users: int, top_k: int, as_json: bool) -> None:
     (a JSON string per user in one big hash); report INFO memory bytes per user for each.
     Uses its own key prefix on the configured Redis and deletes it afterwards."""
     s = get_settings()
-    client = redis.Redis.from_url(str(s.redis_url))
+    client = redis_client(s)
     prefix = f"bench-{new_id()[:8]}"
     figures = {}
     try:

@@ -91,15 +91,25 @@ def _post(
         raise GatewayError(f"gateway answered {resp.status_code}: {resp.text[:500]}")
 
 
-def submit(client: httpx.Client, user_ids: Sequence[int], chunk: int) -> Submitted:
-    """Submit ``user_ids`` as ONE batch (one generation): open it, append requests of
-    ``chunk`` ids, seal it. Each request carries an Idempotency-Key derived from the batch
-    and chunk, so a retry after a lost answer never queues the same users twice.
+def submit(
+    client: httpx.Client, user_ids: Sequence[int], chunk: int, *, run: bool = False
+) -> Submitted:
+    """Submit ``user_ids`` as ONE batch: open it, append requests of ``chunk`` ids, seal
+    it. With ``run`` it is a declared run (a new generation, made current when complete);
+    without, ad-hoc (results go into the current generation as they finish). Each request
+    carries an Idempotency-Key derived from the batch and chunk, so a retry after a lost
+    answer never queues the same users twice.
 
     Raises GatewayError naming the status and the gateway's reason.
     """
     start = time.perf_counter()
-    batch_id = _post(client, "/api/batches", 201)["batch_id"]
+    batch_id = _post(
+        client,
+        "/api/batches",
+        201,
+        content=orjson.dumps({"run": run}),
+        headers={"content-type": "application/json"},
+    )["batch_id"]
     users = jobs = 0
     for i, part in enumerate(chunks(user_ids, chunk)):
         body = _post(

@@ -71,7 +71,7 @@ def demo(s: Settings, users: int, playlists: int, processes: int, logs: Path) ->
                 base_url=fleet.base_url, timeout=120, headers=auth_headers(s)
             ) as client:
                 start = time.perf_counter()
-                sub = submit(client, list(range(n_users)), s.max_users_per_request)
+                sub = submit(client, list(range(n_users)), s.max_users_per_request, run=True)
                 console.print(
                     f"accepted {sub.users:,} users as {sub.jobs:,} jobs in "
                     f"one batch in {sub.seconds:.2f}s"

@@ -54,7 +54,7 @@ def _reason(props: pika.BasicProperties) -> str:
 @contextmanager
 def _channel(settings: Settings) -> Iterator[BlockingChannel]:
     try:
-        conn = pika.BlockingConnection(pika.URLParameters(str(settings.amqp_url)))
+        conn = pika.BlockingConnection([pika.URLParameters(u) for u in settings.amqp_urls])
     except pika.exceptions.AMQPError as exc:
         raise click.ClickException(
             f"cannot reach RabbitMQ at {settings.amqp_url}: {exc!r}"
@@ -139,9 +139,11 @@ def dlq_list(batch_id: str | None, job_id: str | None, limit: int) -> None:
 @dlq.command("replay")
 @_with_selection
 def dlq_replay(batch_id: str | None, job_id: str | None, limit: int) -> None:
-    """Publish the selected jobs to the jobs queue again (confirmed), then drop them here."""
+    """Publish the selected jobs to the jobs queue they died in again (confirmed: a shard's
+    queue for a sharded model), then drop them here."""
     s = get_settings()
     replayed = 0
+    targets: set[str] = set()
     with _channel(s) as channel:
         jobs = _take_all(channel, s.dead_letter_queue, limit)
         for j in jobs:
@@ -154,9 +156,11 @@ def dlq_replay(batch_id: str | None, job_id: str | None, limit: int) -> None:
                 for k, v in (props.headers or {}).items()
                 if not k.startswith("x-death") and k != HEADER_DEAD_REASON
             }
+            target = _origin_queue(props, s)
+            targets.add(target)
             channel.basic_publish(
                 "",
-                s.jobs_queue,
+                target,
                 j.body,
                 pika.BasicProperties(
                     content_type=props.content_type,
@@ -168,7 +172,21 @@ def dlq_replay(batch_id: str | None, job_id: str | None, limit: int) -> None:
             )
             channel.basic_ack(j.delivery_tag)
             replayed += 1
-    click.echo(f"replayed {replayed} jobs onto {s.jobs_queue}")
+    click.echo(f"replayed {replayed} jobs onto {', '.join(sorted(targets)) or s.jobs_queue}")
+
+
+def _origin_queue(props: pika.BasicProperties, s: Settings) -> str:
+    """The jobs queue a dead letter came from (its first x-death entry), when that is
+    one of recfleet's jobs queues (the plain one or a shard's); else the jobs queue."""
+    deaths = (props.headers or {}).get("x-death")
+    if isinstance(deaths, list) and deaths and isinstance(deaths[0], dict):
+        queue = deaths[0].get("queue")
+        queue = queue.decode() if isinstance(queue, bytes) else queue
+        if isinstance(queue, str) and (
+            queue == s.jobs_queue or queue.startswith(f"{s.jobs_queue}.shard-")
+        ):
+            return queue
+    return s.jobs_queue
 
 
 @dlq.command("purge")

@@ -8,12 +8,13 @@ from pathlib import Path
 
 import httpx
 import pika
-import redis
 
 from recfleet.cli.client import auth_headers, submit, wait
 from recfleet.cli.fleet import LocalFleet
-from recfleet.shared.generations import unlink_matching
+from recfleet.shared.redis import redis_client
+from recfleet.shared.retention import unlink_matching
 from recfleet.shared.settings import Settings
+from recfleet.shared.shards import shard_count
 from recfleet.shared.topology import delete_blocking, topology
 
 
@@ -59,7 +60,7 @@ def measure(
             base_url=fleet.base_url, timeout=120, headers=auth_headers(settings)
         ) as client:
             start = time.perf_counter()
-            sub = submit(client, user_ids, settings.max_users_per_request)
+            sub = submit(client, user_ids, settings.max_users_per_request, run=True)
             statuses = wait(client, sub.batch_ids, sub.users, show=show)
             total = max(st["last_done_at"] or 0 for st in statuses) - _epoch(start)
     return FleetRun(
@@ -81,10 +82,10 @@ def _epoch(perf_start: float) -> float:
 
 def cleanup(settings: Settings) -> None:
     """Delete a run's Redis keys (by prefix, without blocking Redis) and its queues."""
-    client = redis.Redis.from_url(str(settings.redis_url))
+    client = redis_client(settings)
     unlink_matching(client, f"{settings.redis_prefix}:*", chunk=1000)
     client.close()
-    conn = pika.BlockingConnection(pika.URLParameters(str(settings.amqp_url)))
+    conn = pika.BlockingConnection([pika.URLParameters(u) for u in settings.amqp_urls])
     channel = conn.channel()
-    delete_blocking(channel, topology(settings))
+    delete_blocking(channel, topology(settings, shard_count(settings.artifacts)))
     conn.close()

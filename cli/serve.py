@@ -34,11 +34,18 @@ def api(s: Settings, host: str | None, port: int | None) -> None:
     show_default=True,
     help="worker processes on this host, one torch thread each",
 )
+@click.option(
+    "--shard", type=click.IntRange(0), default=None, help="serve shard K of a sharded model"
+)
 @pass_settings
-def worker(s: Settings, processes: int) -> None:
-    """Run ranking workers that consume jobs from RabbitMQ and write results to Redis."""
+def worker(s: Settings, processes: int, shard: int | None) -> None:
+    """Run ranking workers that consume jobs from RabbitMQ and write results to Redis.
+
+    With ``--shard K`` they load only shard K of a sharded model (plus the shared
+    playlist table) and consume that shard's queues."""
     from recfleet.worker.main import run_fleet
 
+    s = s if shard is None else s.model_copy(update={"shard": shard})
     configure_logging(s.log_level, s.log_json)
     try:
         sys.exit(run_fleet(s, processes))

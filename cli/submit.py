@@ -29,12 +29,14 @@ def read_ids(path: Path) -> list[int]:
 
 
 def all_user_ids(s: Settings) -> list[int]:
-    """Every user id of the current artifacts. Raises click.ClickException if they do not
-    read."""
-    from recfleet.shared.artifacts import current_dir, read_manifest
+    """Every user id of the current artifacts, round-robin over the shards of a sharded
+    model (so every request feeds every shard). Raises click.ClickException if they do
+    not read."""
+    from recfleet.shared.artifacts import current_dir
+    from recfleet.shared.shards import submit_order
 
     try:
-        return list(range(int(read_manifest(current_dir(s.artifacts))["n_users"])))
+        return submit_order(current_dir(s.artifacts))
     except ArtifactError as exc:
         raise click.ClickException(str(exc)) from exc
 
@@ -62,7 +64,10 @@ def submit_cmd(
     chunk: int,
     no_wait: bool,
 ) -> None:
-    """Submit users (one id per line in USERS_FILE, or --all) and follow the batch."""
+    """Submit users (one id per line in USERS_FILE, or --all) and follow the batch.
+
+    --all is a declared run: a new generation, made current when complete and past its
+    gates. A USERS_FILE is ad-hoc: it updates those users in the current generation."""
     if bool(users_file) == all_users:
         raise click.UsageError("give either USERS_FILE or --all")
     ids = all_user_ids(s) if users_file is None else read_ids(users_file)
@@ -70,7 +75,7 @@ def submit_cmd(
         base_url=api_url or s.api_url, timeout=120, headers=auth_headers(s)
     ) as client:
         try:
-            sub = submit(client, ids, min(chunk, s.max_users_per_request))
+            sub = submit(client, ids, min(chunk, s.max_users_per_request), run=all_users)
             console.print(
                 f"accepted {sub.users:,} users in {sub.jobs:,} jobs, "
                 f"batches: {' '.join(sub.batch_ids)}"

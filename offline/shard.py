@@ -135,3 +135,20 @@ def _set_usual_modes(path: Path) -> None:
     os.umask(umask)
     for p in [path, *path.rglob("*")]:
         p.chmod((0o777 if p.is_dir() else 0o666) & ~umask)
+
+
+def build_sharded(out: Path | str, shards: int, **build_args: Any) -> dict[str, Any]:
+    """Build a model as ``recfleet artifacts build`` does, then split it into ``shards``.
+
+    Raises what ``build_artifacts`` and ``shard_artifacts`` raise.
+    """
+    from recfleet.offline.build import build_artifacts
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    whole = Path(tempfile.mkdtemp(prefix=f".{out.name}.whole-", dir=out.parent))
+    try:
+        build_artifacts(whole / "model", **build_args)
+        return shard_artifacts(whole / "model", out, shards)
+    finally:
+        shutil.rmtree(whole, ignore_errors=True)

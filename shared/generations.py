@@ -1,10 +1,22 @@
-"""Generations: each batch writes its results into its own keyspace, made current at once.
+"""Generations: what a reader sees, and when it changes.
 
-A batch is a *generation* of results. Its jobs write to ``P:r:<batch_id>:<bucket>``;
-readers never see them until the batch is complete and passes its gates, when one
-``ZADD`` on ``P:gen:history`` makes it current. Readers look a user up in the newest
-``read_depth`` active generations in one pipelined round trip, so a user left out
-of today's run keeps the last result they had (the documented rule).
+A *generation* is a declared run (``recfleet submit --all``, the scheduler, or
+``POST /api/batches`` with ``{"run": true}``). Its jobs write into its own keyspace
+``P:r:<run>:{<bucket>}``, which readers do not look at until the run is sealed, complete
+and past its gates; then one ``ZADD`` on ``P:gen:history`` makes it current, for every
+reader at once.
+
+Every other batch (a plain ``POST /api/playlist/beta_recommend/``, a batch opened without
+``run``, a synchronous request) is *ad-hoc*: each job writes its users' results into the
+current generation as it finishes (into the ``live`` base keyspace while none is current),
+so it updates the users it names and hides no one.
+
+A read looks the user up in every active generation, newest first, then in ``live``, and
+returns the first hit: a user with a result in any active generation is always readable.
+All those copies of one bucket share a Cluster slot, so one script call on one node is
+the whole read. ``recfleet generations prune`` bounds how many generations are active.
+
+Every command here touches one key or one slot, so the layout works on a Redis Cluster.
 """
 
 from __future__ import annotations
@@ -13,13 +25,9 @@ import time
 from collections.abc import Generator
 from typing import Any
 
-from recfleet.shared.keys import Keys
+from recfleet.shared.keys import BASE, Keys
 from recfleet.shared.ledger import GenState, LedgerStatus
 from recfleet.shared.settings import Settings
-
-# Where synchronous results go while no generation is current; read after all others.
-LIVE = "live"
-
 
 # Make a generation current. KEYS: history. ARGV: generation, now.
 # Activating one that is already in the history is a rollback: every generation made
@@ -35,13 +43,27 @@ redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
 return removed
 """
 
+# One user's result: the first generation, newest first, whose bucket holds the field.
+# KEYS: the user's bucket in each generation (one slot: the bucket is the hash tag).
+# ARGV: the field. Returns {index of the generation (1-based), packed result} or nil.
+READ_SCRIPT = """
+for i = 1, #KEYS do
+  local v = redis.call('HGET', KEYS[i], ARGV[1])
+  if v then return {i, v} end
+end
+return false
+"""
 
-def check_gates(status: LedgerStatus, settings: Settings) -> str | None:
-    """Why a complete batch must not become current, or None when it may.
+
+def check_gates(
+    status: LedgerStatus, settings: Settings, current_users: int | None = None
+) -> str | None:
+    """Why a complete run must not become current, or None when it may.
 
     Gates: every submitted user has a result or sits in a dead-lettered job, with the
     dead-lettered fraction at most ``gate_max_dead_fraction``; the cold-user fraction
-    at most ``gate_max_cold_fraction``.
+    at most ``gate_max_cold_fraction``; at least ``gate_min_coverage`` as many users
+    with results as the current generation (``current_users``) had.
     """
     users, done, dead = status.users_total, status.users_done, status.users_dead
     if users == 0:
@@ -57,11 +79,20 @@ def check_gates(status: LedgerStatus, settings: Settings) -> str | None:
     cold_fraction = status.cold_users / max(done, 1)
     if cold_fraction > settings.gate_max_cold_fraction:
         return f"{cold_fraction:.2%} of users are cold (gate {settings.gate_max_cold_fraction:.2%})"
+    if current_users and done < settings.gate_min_coverage * current_users:
+        return (
+            f"covers {done} users, {done / current_users:.1%} of the current generation's "
+            f"{current_users} (gate {settings.gate_min_coverage:.0%})"
+        )
     return None
 
 
 def now_s() -> str:
     return f"{time.time():.3f}"
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 # -- finalize: written once as a generator of Redis commands, driven by a sync client in
@@ -71,30 +102,47 @@ Steps = Generator[Command, Any, str | None]
 
 
 def finalize_steps(batch_id: str, settings: Settings, keys: Keys) -> Steps:
-    """Decide a complete batch's fate: make it current, or reject it with the reason.
+    """Decide a complete run's fate: make it current, or reject it with the reason.
 
     Yields Redis commands and receives their replies. Returns the rejection reason, or
-    None when the batch became (or already was) current. Safe to run more than once.
+    None when the run became (or already was) current, or the batch is ad-hoc. Safe to
+    run more than once.
     """
     ledger = keys.batch(batch_id)
     fields = yield ("HGETALL", ledger)
     if not fields:
         return f"no batch {batch_id}"
     status = LedgerStatus.parse(batch_id, fields)
-    if status.gen_state in (GenState.ACTIVE, GenState.RETIRED):
+    if not status.run or status.gen_state in (GenState.ACTIVE, GenState.RETIRED):
         return None
     if status.gen_state == GenState.REJECTED:
         return str(status.gen_reason)
-    reason = check_gates(status, settings)
+    current = yield ("ZREVRANGE", keys.history, 0, 0)
+    current_users = None
+    if current and _text(current[0]) != batch_id:
+        raw = yield ("HGET", keys.batch(_text(current[0])), "users_done")
+        current_users = int(raw) if raw is not None else None
+    reason = check_gates(status, settings, current_users)
     if reason is not None:
         yield ("HSET", ledger, "gen_state", GenState.REJECTED.value, "gen_reason", reason)
         return reason
     now = now_s()
     removed = yield ("EVAL", ACTIVATE_SCRIPT, 1, keys.history, batch_id, now)
     yield ("HSET", ledger, "gen_state", GenState.ACTIVE.value, "activated_at", now)
+    # An active generation's ledger stays while it is active (the coverage gate and
+    # `generations list` read it); it expires like any other once retired.
+    yield ("PERSIST", ledger)
     for gen in removed or []:
-        name = gen.decode() if isinstance(gen, bytes) else str(gen)
-        yield ("HSET", keys.batch(name), "gen_state", GenState.RETIRED.value)
+        yield from retire_steps(keys, _text(gen), settings.batch_ttl_s)
+    return None
+
+
+def retire_steps(keys: Keys, generation: str, ttl_s: int) -> Steps:
+    ledger = keys.batch(generation)
+    exists = yield ("EXISTS", ledger)
+    if exists:
+        yield ("HSET", ledger, "gen_state", GenState.RETIRED.value)
+        yield ("EXPIRE", ledger, ttl_s)
     return None
 
 
@@ -124,27 +172,31 @@ async def run_steps_async(client: Any, steps: Steps) -> Any:
         return stop.value
 
 
-def activate(client: Any, keys: Keys, batch_id: str) -> list[str]:
-    """Make a batch current by hand (a rollback when it was current before).
+def activate(client: Any, keys: Keys, batch_id: str, ttl_s: int) -> list[str]:
+    """Make a run current by hand (a rollback when it was current before).
 
     Skips the gates: this is the operator's decision. Returns the generations retired.
-    Raises ValueError when the batch does not exist or has no results to serve.
+    Raises ValueError when the batch does not exist, is not a declared run, or has no
+    results to serve (none written, or pruned).
     """
     fields = client.hgetall(keys.batch(batch_id))
     if not fields:
         raise ValueError(f"no batch {batch_id}")
-    if LedgerStatus.parse(batch_id, fields).users_done == 0:
-        raise ValueError(f"batch {batch_id} has no results")
+    status = LedgerStatus.parse(batch_id, fields)
+    if not status.run:
+        raise ValueError(f"batch {batch_id} is ad-hoc, not a declared run")
+    if status.users_done == 0 or client.zscore(keys.runs, batch_id) is None:
+        raise ValueError(f"batch {batch_id} has no results (none written, or pruned)")
     now = now_s()
     removed = client.eval(ACTIVATE_SCRIPT, 1, keys.history, batch_id, now)
-    names = [g.decode() if isinstance(g, bytes) else str(g) for g in removed]
+    names = [_text(g) for g in removed]
     with client.pipeline(transaction=False) as pipe:
-        pipe.hset(
-            keys.batch(batch_id), mapping={"gen_state": GenState.ACTIVE.value, "activated_at": now}
-        )
-        for name in names:
-            pipe.hset(keys.batch(name), "gen_state", GenState.RETIRED.value)
+        active = {"gen_state": GenState.ACTIVE.value, "activated_at": now}
+        pipe.hset(keys.batch(batch_id), mapping=active)
+        pipe.persist(keys.batch(batch_id))
         pipe.execute()
+    for name in names:
+        run_steps(client, retire_steps(keys, name, ttl_s))
     return names
 
 
@@ -154,36 +206,7 @@ def history(client: Any, keys: Keys) -> list[tuple[str, float]]:
     return [(name.decode(), float(score)) for name, score in rows]
 
 
-def unlink_matching(client: Any, pattern: str, chunk: int = 500) -> int:
-    """Delete every key matching ``pattern`` without blocking Redis: SCAN, then UNLINK in
-    small chunks (UNLINK frees memory on a background thread). Returns keys removed."""
-    removed = 0
-    batch: list[bytes] = []
-    for key in client.scan_iter(match=pattern, count=chunk):
-        batch.append(key)
-        if len(batch) >= chunk:
-            removed += client.unlink(*batch)
-            batch.clear()
-    if batch:
-        removed += client.unlink(*batch)
-    return removed
-
-
-def delete_results(client: Any, keys: Keys, generation: str) -> int:
-    """Delete one generation's result hashes without blocking Redis. Returns keys removed."""
-    return unlink_matching(client, keys.result_pattern(generation))
-
-
-def prune(client: Any, keys: Keys, keep: int) -> list[str]:
-    """Keep the ``keep`` newest active generations; delete the results of the others.
-
-    Returns the generations pruned. The current generation is never pruned.
-    """
-    if keep < 1:
-        raise ValueError("keep at least the current generation")
-    old = [n.decode() for n in client.zrevrange(keys.history, keep, -1)]
-    for name in old:
-        client.zrem(keys.history, name)
-        client.hset(keys.batch(name), "gen_state", GenState.RETIRED.value)
-        delete_results(client, keys, name)
-    return old
+def read_order(active: list[str]) -> list[str]:
+    """The keyspaces a read looks through: every active generation, newest first, then
+    the base keyspace."""
+    return [*active, BASE]

@@ -2,10 +2,13 @@
 
 ::
 
-    P:r:<gen>:<bucket>      hash of one generation's results: bucket = user_id >> BUCKET_BITS,
+    P:r:<gen>:{<bucket>}    hash of one generation's results: bucket = user_id >> BUCKET_BITS,
                             field = the low bits of the id, value = a packed result
-                            (shared.codec); small hashes keep Redis's compact listpack
+                            (shared.codec); small hashes keep Redis's compact listpack.
+                            ``<gen>`` is a declared run's batch id, or ``live`` (BASE)
     P:gen:history           sorted set, active generation -> time it became current
+    P:gen:runs              sorted set, declared run -> time its first result was written
+                            (prune finds the keyspaces of rejected and retired runs here)
     P:models                hash, model tag (decimal) -> model version string
     P:b:{<batch_id>}        hash, the batch ledger (shared.ledger)
     P:b:{<batch_id>}:done   set of finished job ids (makes progress idempotent)
@@ -15,8 +18,10 @@
     P:drift:reference       string, the batch id an operator pinned as drift reference
     P:idem:<sha256>         string, an Idempotency-Key's stored answer
 
-The ``{batch_id}`` hash tag keeps a batch's keys in one Cluster slot, so the ledger
-scripts touch one slot only; result buckets spread over all slots.
+Cluster: the ``{batch_id}`` hash tag keeps a batch's keys in one slot, so the ledger
+scripts touch one slot only. The ``{<bucket>}`` hash tag puts every generation's copy of
+one bucket in the same slot, so the read script looks a user up in all generations on one
+node in one round trip; buckets spread over all slots.
 """
 
 from __future__ import annotations
@@ -27,6 +32,8 @@ from dataclasses import dataclass
 import numpy as np
 
 BUCKET_BITS = 7
+# The keyspace that ad-hoc results go to while no generation is current; read last.
+BASE = "live"
 
 
 @dataclass(frozen=True)
@@ -68,8 +75,18 @@ class Keys:
         """Sorted set: active generation -> time it became current (newest = current)."""
         return f"{self.prefix}:gen:history"
 
+    @property
+    def runs(self) -> str:
+        """Sorted set: declared run -> time its first result was written."""
+        return f"{self.prefix}:gen:runs"
+
     def result_bucket(self, generation: str, user_id: int) -> str:
-        return f"{self.prefix}:r:{generation}:{user_id >> BUCKET_BITS}"
+        return f"{self.result_prefix(generation)}{user_id >> BUCKET_BITS}}}"
+
+    def result_prefix(self, generation: str) -> str:
+        """A generation's result keys up to the bucket: ``P:r:<gen>:{`` (the reader adds
+        ``<bucket>}``)."""
+        return f"{self.prefix}:r:{generation}:{{"
 
     @staticmethod
     def result_field(user_id: int) -> int:
@@ -79,8 +96,12 @@ class Keys:
         """
         return user_id & ((1 << BUCKET_BITS) - 1)
 
-    def result_pattern(self, generation: str) -> str:
+    def result_pattern(self, generation: str = "*") -> str:
         return f"{self.prefix}:r:{generation}:*"
+
+    def generation_of(self, result_key: str) -> str:
+        """The generation a result key belongs to (its third part)."""
+        return result_key.split(":")[2]
 
 
 def bucket_mappings(

@@ -3,6 +3,8 @@
 A ledger is the hash ``P:b:{<batch_id>}`` (shared.keys). Fields:
 
     sealed                  0 while more users may be appended, 1 after
+    run                     1: a declared run (its own generation); 0: ad-hoc (its results
+                            go into the current generation as its jobs finish)
     jobs_total users_total  what was queued
     jobs_done users_done    finished jobs, counted once each (set ``:done``)
     jobs_dead users_dead    dead-lettered jobs, counted once each (set ``:dead``)
@@ -33,10 +35,13 @@ class BatchState(StrEnum):
 
 
 class GenState(StrEnum):
+    """A declared run's life as a generation; ``ad-hoc`` for every other batch."""
+
     PENDING = "pending"
     ACTIVE = "active"
     REJECTED = "rejected"
     RETIRED = "retired"
+    AD_HOC = "ad-hoc"
 
 
 POPULARITY_FIELD = "rec_"
@@ -78,12 +83,14 @@ return 1
 """
 COUNTED, COMPLETED = 1, 2
 
-# Append users to an open batch: reserve job indices and count users, atomically.
-# KEYS: ledger. ARGV: jobs, users. Returns the first reserved job index, or -1 when the
-# batch is missing, -2 when it is sealed.
+# Append users to an open batch: reserve job indices and count users, atomically; the
+# ledger, kept briefly while empty, now lives as long as any ledger.
+# KEYS: ledger. ARGV: jobs, users, ttl. Returns the first reserved job index, or -1 when
+# the batch is missing, -2 when it is sealed.
 APPEND_SCRIPT = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
 if redis.call('HGET', KEYS[1], 'sealed') == '1' then return -2 end
+if redis.call('TTL', KEYS[1]) >= 0 then redis.call('EXPIRE', KEYS[1], ARGV[3]) end
 local total = redis.call('HINCRBY', KEYS[1], 'jobs_total', ARGV[1])
 redis.call('HINCRBY', KEYS[1], 'users_total', ARGV[2])
 return total - tonumber(ARGV[1])
@@ -102,11 +109,12 @@ if done + dead >= total then return 1 end
 return 0
 """
 
-# Pins the batch's model version on first use; returns the pinned one (nil: no ledger).
+# Pins the batch's model version on first use. Returns {pinned version, run flag}, or
+# nil when there is no ledger (a synchronous request).
 PIN_SCRIPT = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return false end
 redis.call('HSETNX', KEYS[1], 'model_version', ARGV[1])
-return redis.call('HGET', KEYS[1], 'model_version')
+return redis.call('HMGET', KEYS[1], 'model_version', 'run')
 """
 
 # A job counted dead that finishes after all (replayed from the dead-letter queue, or
@@ -141,11 +149,15 @@ def popularity_counts(fields: Mapping[Any, Any]) -> dict[str, int]:
     return out
 
 
-def new_batch_fields(jobs_total: int, users_total: int, *, sealed: bool = True) -> dict[str, Any]:
-    """A new ledger. An unsealed batch may still grow (``recfleet submit --all``)."""
+def new_batch_fields(
+    jobs_total: int, users_total: int, *, run: bool, sealed: bool = True
+) -> dict[str, Any]:
+    """A new ledger. An unsealed batch may still grow; a declared run becomes its own
+    generation, any other batch writes into the current one."""
     return {
         "sealed": int(sealed),
-        "gen_state": GenState.PENDING.value,
+        "run": int(run),
+        "gen_state": (GenState.PENDING if run else GenState.AD_HOC).value,
         "jobs_total": jobs_total,
         "users_total": users_total,
         "jobs_done": 0,
@@ -187,6 +199,7 @@ class LedgerStatus:
     users_per_s: float | None
     eta_s: float | None
     sealed: bool
+    run: bool
     gen_state: GenState
     gen_reason: str | None
     activated_at: float | None
@@ -227,6 +240,8 @@ class LedgerStatus:
             users_per_s=rate,
             eta_s=eta,
             sealed=sealed,
+            # Ledgers written before ad-hoc batches existed were all runs.
+            run=f.get("run", "1") == "1",
             gen_state=GenState(f.get("gen_state", GenState.PENDING.value)),
             gen_reason=f.get("gen_reason"),
             activated_at=_float(f, "activated_at"),

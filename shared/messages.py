@@ -66,8 +66,8 @@ class Job(BaseModel):
     batch_id: str = Field(pattern=ID_PATTERN)
     user_ids: list[UserId] = Field(min_length=1, max_length=MAX_JOB_USERS)
     created_at: float = Field(gt=0, le=MAX_CREATED_AT)
-    # Where results go: None means the batch's own generation (the batch id); the
-    # synchronous path names the current generation instead.
+    # Where results go. None (what the gateway sends): the worker decides by the batch's
+    # ledger, a declared run's own generation, else the generation current at writing.
     generation: str | None = Field(default=None, pattern=ID_PATTERN)
 
     def encode(self) -> bytes:

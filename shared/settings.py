@@ -46,15 +46,18 @@ class Settings(BaseSettings):
     max_users_sync: int = Field(default=100, ge=1, le=1000)
     delivery_limit: int = Field(default=5, ge=1, description="deliveries before dead-lettering")
     queue_max_length: int = Field(default=1_000_000, ge=1)
-    # Members of each quorum queue; None leaves it to the broker (every cluster node).
+    # Members of each quorum queue on a RabbitMQ cluster (3 for a 3-node cluster); None on
+    # one node. When set, the sync queues are quorum queues too (see shared.topology).
     quorum_replicas: int | None = Field(default=None, ge=1, le=9)
 
     # Redis key prefix; every key recfleet writes starts with it.
     redis_prefix: str = Field(default="rf", pattern=r"^[A-Za-z0-9_.-]{1,32}$")
     batch_ttl_s: int = Field(default=7 * 24 * 3600, ge=60)
-    # Generations: how many recent ones a read looks through, and the switch gates.
-    read_depth: int = Field(default=3, ge=1, le=16)
+    # A batch opened (POST /api/batches) that never gets a user is forgotten sooner.
+    open_batch_ttl_s: int = Field(default=3600, ge=60)
+    # Generations: how often the gateway re-reads the active list, and the switch gates.
     generation_refresh_s: float = Field(default=1.0, gt=0)
+    gate_min_coverage: float = Field(default=0.9, ge=0, le=1)
     gate_max_dead_fraction: float = Field(default=0.01, ge=0, le=1)
     gate_max_cold_fraction: float = Field(default=0.5, ge=0, le=1)
 

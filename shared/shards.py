@@ -33,9 +33,11 @@ from recfleet.shared.artifacts import (
     SHARD_MAP,
     Artifacts,
     check_shapes,
+    current_dir,
     load_artifacts,
     load_npy,
     map_tensor,
+    read_manifest,
     safetensors_layout,
     sha256_file,
 )
@@ -262,3 +264,45 @@ def _read_json(path: Path) -> dict[str, Any]:
     if not isinstance(doc, dict):
         raise ArtifactError(f"{path.name} is not a JSON object")
     return doc
+
+
+def shard_count(root: Path | str) -> int:
+    """Shards of the model in use under ``root`` (1 when unsharded, absent or unreadable)."""
+    try:
+        return read_shard_map(current_dir(Path(root))).count
+    except (ArtifactError, OSError):
+        return 1
+
+
+def model_manifest(path: Path | str) -> dict[str, Any]:
+    """The model-wide manifest fields (version, sizes, metrics) of a model directory,
+    sharded or not. Raises ArtifactError when it does not read."""
+    path = Path(path)
+    if is_sharded(path):
+        return read_shard_map(path).doc
+    return read_manifest(path)
+
+
+def interleave(runs: list[list[int]]) -> list[int]:
+    """Ids taken round-robin from ``runs`` (a0, b0, a1, b1, ...), each run's order kept.
+
+    Submitting users of every shard in every request keeps every shard busy from the
+    start; in ascending order the first requests would all go to the first shard.
+    """
+    out: list[int] = []
+    for i in range(max((len(r) for r in runs), default=0)):
+        out += [r[i] for r in runs if i < len(r)]
+    return out
+
+
+def submit_order(path: Path | str) -> list[int]:
+    """Every user id 0..n_users-1 of the model at ``path``, round-robin over its shards.
+
+    Raises ArtifactError when the model does not read.
+    """
+    smap = read_shard_map(path)
+    ids = np.arange(int(model_manifest(path)["n_users"]), dtype=np.int64)
+    if smap.count == 1:
+        return ids.tolist()
+    owner = smap.shard_of(ids)
+    return interleave([ids[owner == k].tolist() for k in range(smap.count)])

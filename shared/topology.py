@@ -91,8 +91,15 @@ def jobs_queue_arguments(settings: Settings) -> dict[str, Any]:
 
 
 def sync_queue_arguments(settings: Settings) -> dict[str, Any]:
-    """A classic queue whose messages expire with the request: nobody waits for them after."""
-    return {"x-message-ttl": int(settings.sync_timeout_s * 1000)}
+    """A queue whose messages expire with the request: nobody waits for them after.
+
+    Classic on one node. On a cluster (``quorum_replicas`` set) a quorum queue: a
+    classic queue lives on one node, and when that node stops every declare of it
+    fails until the node is back, which would keep the gateway and the workers from
+    reconnecting to the nodes still up.
+    """
+    ttl = {"x-message-ttl": int(settings.sync_timeout_s * 1000)}
+    return ttl if settings.quorum_replicas is None else {**_quorum(settings), **ttl}
 
 
 def topology(settings: Settings, shards: int = 1, only_shard: int | None = None) -> Topology:

@@ -19,6 +19,7 @@ import pytest
 import redis
 
 from recfleet.shared.messages import new_id
+from recfleet.shared.redis import redis_client as connect_redis
 from recfleet.shared.settings import Settings
 from tests.support.settings import database_url_for, make_settings, purge
 
@@ -46,6 +47,20 @@ def small_artifacts(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     out = tmp_path_factory.mktemp("artifacts") / "small"
     build_artifacts(out, n_users=6000, n_playlists=1000, seed=7, epochs=3)
+    return out
+
+
+@pytest.fixture(scope="session")
+def sharded_artifacts(small_artifacts: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The small artifacts split into 2 shards by ``recfleet artifacts shard``."""
+    from click.testing import CliRunner
+
+    from recfleet.cli.main import cli
+
+    out = tmp_path_factory.mktemp("sharded") / "two"
+    args = ["artifacts", "shard", str(small_artifacts), "--shards", "2", "--out", str(out)]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
     return out
 
 
@@ -101,7 +116,7 @@ def handler(fleet_settings: Settings) -> Iterator[JobHandler]:
     from recfleet.worker.handler import JobHandler
     from recfleet.worker.models import ModelStore
 
-    client = redis.Redis.from_url(str(fleet_settings.redis_url))
+    client = connect_redis(fleet_settings)
     models = ModelStore(fleet_settings.artifacts, k=fleet_settings.top_k)
     yield JobHandler(fleet_settings, models, client)
     client.close()

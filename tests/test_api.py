@@ -264,7 +264,8 @@ async def test_a_claim_left_by_a_dead_gateway_is_a_lease_that_runs_out(
 async def test_a_batch_whose_publisher_died_ends_failed_with_the_reason(
     client: httpx.AsyncClient, settings: Settings, redis_client: redis.Redis
 ) -> None:
-    accepted = await client.post("/beta_recommend", json={"user_ids": [1, 2]})
+    run = {"user_ids": [1, 2], "run": True}  # a declared run: it could become current
+    accepted = await client.post("/beta_recommend", json=run)
     batch_id = accepted.json()["batch_id"]
     ledger = Keys(settings.redis_prefix).batch(batch_id)
     assert redis_client.hget(ledger, "publishing") == b"0"  # released once confirmed

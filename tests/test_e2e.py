@@ -27,7 +27,7 @@ def test_5000_users_over_http_each_result_equals_direct_ranking(
     with LocalFleet(fleet_settings, processes=2, log_dir=tmp_path) as fleet:
         fleet.wait_workers_consuming()
         with httpx.Client(base_url=fleet.base_url, timeout=60) as client:
-            sub = submit(client, user_ids, chunk=5000)
+            sub = submit(client, user_ids, chunk=5000, run=True)
             assert sub.users == 5000 and sub.jobs == 5
             (status,) = wait(client, sub.batch_ids, sub.users, show=False)
             assert status["state"] == "done"

@@ -415,7 +415,7 @@ def test_simulated_users_like_the_trained_model_more_than_the_fallback(
             for current, version in (("trained", trained_version), ("popular", baseline_version)):
                 (root / "CURRENT").write_text(current + "\n")
                 time.sleep(1.5)  # workers look at CURRENT between jobs, once a second
-                sub = submit(http, users, chunk=len(users))
+                sub = submit(http, users, chunk=len(users), run=True)
                 (status,) = wait(http, sub.batch_ids, sub.users, show=False)
                 assert status["gen_state"] == "active", status
                 wait_for_model(http, users[-1], version)

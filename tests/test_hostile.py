@@ -157,6 +157,24 @@ def test_operations_need_a_key_with_their_role(gateway: str) -> None:
         assert httpx.get(f"{gateway}{probe}").status_code == 200
 
 
+def test_reading_a_result_needs_the_read_role(gateway: str) -> None:
+    # The read route checks its key in the route itself (the hot path): same answers.
+    url = f"{gateway}/api/playlist/5"
+    missing = httpx.get(url)
+    assert missing.status_code == 401 and missing.headers["www-authenticate"] == "Bearer"
+    assert "API key is required" in missing.json()["detail"]
+    for value in ("Basic dXNlcjpwYXNz", "Bearer", f"Token {KEYS[Role.READ]}"):
+        refused = httpx.get(url, headers={"Authorization": value})
+        assert refused.status_code == 401, value
+    unknown = httpx.get(url, headers={"Authorization": "Bearer not-a-key"})
+    assert unknown.status_code == 401 and unknown.json()["detail"] == "unknown API key"
+    wrong = httpx.get(url, headers=bearer(Role.SUBMIT))
+    assert wrong.status_code == 403 and "lacks the read role" in wrong.json()["detail"]
+    lower = httpx.get(url, headers={"Authorization": f"bearer {KEYS[Role.READ]}"})
+    assert lower.status_code in (200, 404)
+    assert httpx.get(url, headers=bearer(Role.READ)).status_code in (200, 404)
+
+
 def test_metrics_and_batch_ids_are_for_operators_only(
     gateway: str, hostile_settings: Settings
 ) -> None:
@@ -311,6 +329,14 @@ def test_path_ids_are_strict_integers(gateway: str, user_id: str) -> None:
 def test_oversized_headers_are_refused_and_never_echoed(
     gateway: str, hostile_settings: Settings
 ) -> None:
+    # Just over the bound is refused whatever the reads: the bound counts the target and
+    # the headers as the parser hands them over (the method and version words aside).
+    head = b"GET /healthz HTTP/1.1\r\nHost: x\r\n"
+    pad = hostile_settings.max_header_bytes - len(head) - len(b"X-Pad: \r\n") + 32
+    over = raw_exchange(gateway, head + b"X-Pad: " + b"p" * pad + b"\r\n\r\n")
+    assert over.startswith(b"HTTP/1.1 400 ") and len(over) < SMALL
+    within = raw_exchange(gateway, head + b"X-Pad: " + b"p" * (pad - 64) + b"\r\n\r\n")
+    assert within.startswith(b"HTTP/1.1 200 ")
     # Far over it, the server answers and closes while the client is still sending, so the
     # client may see the answer or only the reset that the unread bytes cause: both refuse.
     huge = "k" * 1_000_000

@@ -132,7 +132,7 @@ async def test_gateway_and_worker_do_their_work_as_their_acl_users(
     assert first.status_code == 202 and again.json() == first.json(), first.text
     whole = first.json()["batch_id"]
     # An open batch: opened, appended to, sealed.
-    opened = (await gateway.post("/api/batches")).json()["batch_id"]
+    opened = (await gateway.post("/api/batches", json={"run": True})).json()["batch_id"]
     appended = await gateway.post(
         "/api/playlist/beta_recommend/", json={"user_ids": [7, 8, 9], "batch_id": opened}
     )
@@ -152,9 +152,9 @@ async def test_gateway_and_worker_do_their_work_as_their_acl_users(
     # The last job is dead-lettered: that completes its batch.
     handler.record_dead(dead.batch_id, dead.job_id, len(dead.user_ids), dead.user_ids)
 
-    for batch_id, state in ((whole, "failed"), (opened, "done")):
+    for batch_id, state, gen_state in ((whole, "failed", "ad-hoc"), (opened, "done", "active")):
         status = (await gateway.get(f"/api/batches/{batch_id}")).json()
-        assert status["state"] == state and status["gen_state"] == "active", status
+        assert status["state"] == state and status["gen_state"] == gen_state, status
     failed = await gateway.get(f"/api/batches/{whole}", params={"failed_users": "true"})
     assert failed.json()["failed_user_ids"] == dead.user_ids
     handler.handle(dead)  # replayed from the dead-letter queue

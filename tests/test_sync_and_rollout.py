@@ -46,7 +46,7 @@ async def test_sync_requests_go_ahead_of_queued_batch_jobs(
     keys = Keys(fleet_settings.redis_prefix)
     jobs = make_jobs("backlog", list(range(6000)) * 10, 1000)  # 60 jobs
     client = redis.Redis.from_url(str(fleet_settings.redis_url))
-    client.hset(keys.batch("backlog"), mapping=new_batch_fields(len(jobs), 60000))  # type: ignore[arg-type]
+    client.hset(keys.batch("backlog"), mapping=new_batch_fields(len(jobs), 60000, run=True))  # type: ignore[arg-type]
     conn = pika.BlockingConnection(pika.URLParameters(str(fleet_settings.amqp_url)))
     channel = conn.channel()
     declare_blocking(channel, topology(fleet_settings))
@@ -91,12 +91,12 @@ def test_rollout_between_jobs_never_mixes_versions_in_a_batch(
     handler = JobHandler(settings, ModelStore(root, k=10, check_every_s=0), client)
     keys = Keys(settings.redis_prefix)
     old_jobs = make_jobs("old", list(range(300)), 100)
-    client.hset(keys.batch("old"), mapping=new_batch_fields(3, 300))  # type: ignore[arg-type]
+    client.hset(keys.batch("old"), mapping=new_batch_fields(3, 300, run=True))  # type: ignore[arg-type]
     assert handler.handle(old_jobs[0]).model_version == v1
 
     (root / CURRENT).write_text("v2\n")  # the rollout, while batch "old" is half done
     new_jobs = make_jobs("new", list(range(100)), 100)
-    client.hset(keys.batch("new"), mapping=new_batch_fields(1, 100))  # type: ignore[arg-type]
+    client.hset(keys.batch("new"), mapping=new_batch_fields(1, 100, run=True))  # type: ignore[arg-type]
     assert handler.handle(new_jobs[0]).model_version == v2
     assert {handler.handle(job).model_version for job in old_jobs[1:]} == {v1}
     assert client.hget(keys.batch("old"), "model_version") == v1.encode()

@@ -10,7 +10,7 @@ import redis
 
 from recfleet.shared.artifacts import load_artifacts
 from recfleet.shared.codec import decode_result
-from recfleet.shared.keys import Keys
+from recfleet.shared.keys import BASE, Keys
 from recfleet.shared.ledger import new_batch_fields
 from recfleet.shared.messages import make_jobs
 from recfleet.shared.settings import Settings
@@ -36,7 +36,7 @@ def test_results_equal_direct_ranking_and_cold_users_get_the_fallback(
 ) -> None:
     art = load_artifacts(fleet_settings.artifacts)
     users = [0, 1, 2, 500, art.n_users - 1, 10**12]
-    (job,) = make_jobs("b1", users, 1000)
+    (job,) = make_jobs("b1", users, 1000)  # no ledger: ad-hoc, into live (none current)
     summary = handler.handle(job)
     assert summary.users == 6 and summary.cold >= 1
     assert summary.model_version == art.model_version
@@ -44,7 +44,7 @@ def test_results_equal_direct_ranking_and_cold_users_get_the_fallback(
     direct = Ranker.from_artifacts(art, k=fleet_settings.top_k).rank(art.user_rows(np.array(users)))
     keys = Keys(fleet_settings.redis_prefix)
     for i, uid in enumerate(users):
-        raw = handler.redis.hget(keys.result_bucket("b1", uid), keys.result_field(uid))
+        raw = handler.redis.hget(keys.result_bucket(BASE, uid), keys.result_field(uid))
         assert raw is not None
         result = decode_result(raw)
         rows = direct.playlists[i][direct.playlists[i] >= 0]
@@ -52,7 +52,7 @@ def test_results_equal_direct_ranking_and_cold_users_get_the_fallback(
         assert result.cold == bool(direct.cold[i])
         assert result.generated_at == int(job.created_at)
     unknown = decode_result(
-        handler.redis.hget(keys.result_bucket("b1", 10**12), keys.result_field(10**12)) or b""
+        handler.redis.hget(keys.result_bucket(BASE, 10**12), keys.result_field(10**12)) or b""
     )
     assert unknown.cold
     assert unknown.playlists == art.playlist_ids[art.fallback[: fleet_settings.top_k]].tolist()
@@ -61,7 +61,7 @@ def test_results_equal_direct_ranking_and_cold_users_get_the_fallback(
 def test_a_redelivered_job_changes_nothing(handler: JobHandler, fleet_settings: Settings) -> None:
     keys = Keys(fleet_settings.redis_prefix)
     jobs = make_jobs("b2", list(range(1500)), 1000)
-    handler.redis.hset(keys.batch("b2"), mapping=new_batch_fields(len(jobs), 1500))
+    handler.redis.hset(keys.batch("b2"), mapping=new_batch_fields(len(jobs), 1500, run=True))
     for job in jobs:
         handler.handle(job)
     before = _snapshot(handler.redis, fleet_settings.redis_prefix)
@@ -84,7 +84,7 @@ def test_consumer_ranks_jobs_and_dead_letters_bad_messages(
 ) -> None:
     keys = Keys(fleet_settings.redis_prefix)
     jobs = make_jobs("b3", list(range(2000)), 1000)
-    handler.redis.hset(keys.batch("b3"), mapping=new_batch_fields(len(jobs) + 1, 2100))
+    handler.redis.hset(keys.batch("b3"), mapping=new_batch_fields(len(jobs) + 1, 2100, run=True))
     conn = pika.BlockingConnection(pika.URLParameters(str(fleet_settings.amqp_url)))
     channel = conn.channel()
     declare_blocking(channel, topology(fleet_settings))
@@ -123,7 +123,7 @@ async def test_users_of_dead_lettered_jobs_are_listed_on_request(
 
     keys = Keys(fleet_settings.redis_prefix)
     jobs = make_jobs("b4", list(range(1500)), 1000)
-    handler.redis.hset(keys.batch("b4"), mapping=new_batch_fields(len(jobs), 1500))
+    handler.redis.hset(keys.batch("b4"), mapping=new_batch_fields(len(jobs), 1500, run=True))
     conn = pika.BlockingConnection(pika.URLParameters(str(fleet_settings.amqp_url)))
     channel = conn.channel()
     channel.confirm_delivery()

@@ -16,7 +16,7 @@ from recfleet.shared.codec import encode_results
 from recfleet.shared.drift import POPULARITY_LABELS
 from recfleet.shared.errors import TransientError
 from recfleet.shared.generations import finalize_steps, run_steps
-from recfleet.shared.keys import Keys, bucket_mappings
+from recfleet.shared.keys import BASE, Keys, bucket_mappings
 from recfleet.shared.ledger import (
     COMPLETED,
     PIN_SCRIPT,
@@ -44,8 +44,18 @@ class JobSummary:
     results: list[list[int]] | None = None  # external playlist ids, when asked for
 
 
+@dataclass(frozen=True)
+class BatchInfo:
+    """What a worker needs to know about a job's batch, read once per batch."""
+
+    model_version: str
+    run: bool  # a declared run: results go to its own generation
+    ledger: bool  # False for synchronous requests: no progress to count
+
+
 class JobHandler:
-    """Ranks jobs with the batch's model and writes results into the batch's generation."""
+    """Ranks jobs with the batch's model and writes results where the batch's kind says:
+    a declared run into its own generation, anything else into the current one."""
 
     def __init__(self, settings: Settings, models: ModelStore, client: redis.Redis) -> None:
         self.settings = settings
@@ -55,25 +65,55 @@ class JobHandler:
         self._progress = client.register_script(PROGRESS_SCRIPT)
         self._pin = client.register_script(PIN_SCRIPT)
         self._revive = client.register_script(REVIVE_SCRIPT)
-        self._pins: dict[str, str] = {}
+        self._pins: dict[str, BatchInfo] = {}
+
+    def batch_info(self, job: Job) -> BatchInfo:
+        """The job's batch: its pinned model (pinning the current one on first use) and kind.
+
+        Raises TransientError when Redis is unreachable.
+        """
+        info = self._pins.get(job.batch_id)
+        if info is None:
+            current = self.models.current().version
+            try:
+                pinned = self._pin(keys=[self.keys.batch(job.batch_id)], args=[current])
+            except redis.RedisError as exc:
+                raise TransientError(f"Redis unavailable: {exc}") from exc
+            if pinned:
+                version, run = pinned
+                # Ledgers written before ad-hoc batches existed have no run field: runs.
+                info = BatchInfo(version.decode(), run is None or run == b"1", ledger=True)
+            else:
+                info = BatchInfo(current, run=False, ledger=False)
+            if len(self._pins) >= MAX_PINS:
+                self._pins.clear()
+            self._pins[job.batch_id] = info
+        return info
 
     def model_for(self, job: Job) -> Model:
-        """The model pinned to the job's batch (pinning the current one on first use).
+        """The model pinned to the job's batch.
 
         Raises TransientError when Redis is unreachable or the pinned model is not here.
         """
-        version = self._pins.get(job.batch_id)
+        version = self.batch_info(job).model_version
         current = self.models.current()
-        if version is None:
-            try:
-                pinned = self._pin(keys=[self.keys.batch(job.batch_id)], args=[current.version])
-            except redis.RedisError as exc:
-                raise TransientError(f"Redis unavailable: {exc}") from exc
-            version = pinned.decode() if pinned else current.version
-            if len(self._pins) >= MAX_PINS:
-                self._pins.clear()
-            self._pins[job.batch_id] = version
         return current if version == current.version else self.models.get(version)
+
+    def target(self, job: Job) -> str:
+        """The keyspace the job's results go to: the run's own generation, else the
+        current generation at the time of writing (``live`` while there is none).
+
+        Raises TransientError when Redis is unreachable.
+        """
+        if job.generation:
+            return job.generation
+        if self.batch_info(job).run:
+            return job.batch_id
+        try:
+            current: list[bytes] = self.redis.zrevrange(self.keys.history, 0, 0)  # type: ignore[assignment]
+        except redis.RedisError as exc:
+            raise TransientError(f"Redis unavailable: {exc}") from exc
+        return current[0].decode() if current else BASE
 
     def handle(self, job: Job, *, want_results: bool = False) -> JobSummary:
         """Rank every user of the job and write all results and the job's progress at once.
@@ -135,14 +175,24 @@ class JobHandler:
         cold: int,
         recommended: dict[str, int],
     ) -> int:
-        """One pipelined round trip; returns the progress script's answer."""
-        generation = job.generation or job.batch_id
+        """One pipelined round trip; returns the progress script's answer (0 without a
+        ledger)."""
+        info = self.batch_info(job)
+        generation = self.target(job)
         by_bucket = bucket_mappings(self.keys, generation, user_ids.tolist(), values)
+        ttl = self.settings.batch_ttl_s
         try:
             with self.redis.pipeline(transaction=False) as pipe:
                 for key, mapping in by_bucket.items():
                     pipe.hset(key, mapping=mapping)  # type: ignore[arg-type]
+                    if generation == BASE:  # no run owns it, so prune never deletes it
+                        pipe.expire(key, ttl)
                 pipe.hset(self.keys.models, str(model.tag), model.version)
+                if info.run:  # prune finds the run's keyspace here once it is retired
+                    pipe.zadd(self.keys.runs, {job.batch_id: time.time()}, nx=True)
+                if not info.ledger:
+                    pipe.execute()
+                    return 0
                 self._revive(
                     keys=[
                         self.keys.batch(job.batch_id),
@@ -170,7 +220,7 @@ class JobHandler:
                 replies = pipe.execute()
         except redis.RedisError as exc:
             raise TransientError(f"Redis unavailable: {exc}") from exc
-        return int(replies[len(by_bucket) + 2])
+        return int(replies[-2])
 
     def _observe(
         self,

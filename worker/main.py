@@ -9,10 +9,10 @@ import signal
 import time
 from types import FrameType
 
-import redis
 import torch
 
 from recfleet.shared.logs import configure_logging
+from recfleet.shared.redis import redis_client
 from recfleet.shared.settings import Settings
 from recfleet.worker.consumer import Consumer
 from recfleet.worker.handler import JobHandler
@@ -30,7 +30,7 @@ def run_worker(settings: Settings, index: int = 0) -> None:
     torch.set_num_threads(settings.torch_threads)
     models = ModelStore(settings.artifacts, k=settings.top_k, shard=settings.shard)
     model = models.current()
-    client = redis.Redis.from_url(str(settings.redis_url), socket_timeout=10)
+    client = redis_client(settings, socket_timeout=10)
     handler = JobHandler(settings, models, client)
     consumer = Consumer(settings, handler, sample_queues=index == 0)
 

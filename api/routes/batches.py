@@ -1,5 +1,6 @@
 """Batches: submit users for ranking (in one request, or appended to an open batch), seal,
-follow progress. Every batch is a generation of results, made current when complete."""
+follow progress. A batch opened with ``run`` is a declared run: its own generation, made
+current when complete; every other batch is ad-hoc and updates the current generation."""
 
 from __future__ import annotations
 
@@ -19,7 +20,14 @@ from recfleet.api.broker import Publisher, PublishFailed
 from recfleet.api.deps import KeysDep, PublisherDep, RedisDep, ResultsDep, SettingsDep
 from recfleet.api.idempotency import KEY_PATTERN, IdempotencyStore, digest
 from recfleet.api.limits import OrjsonRoute
-from recfleet.api.schemas import BatchAccepted, BatchOpened, BatchRequest, BatchStatus, Problem
+from recfleet.api.schemas import (
+    BatchAccepted,
+    BatchOpen,
+    BatchOpened,
+    BatchRequest,
+    BatchStatus,
+    Problem,
+)
 from recfleet.shared.generations import finalize_steps, run_steps_async
 from recfleet.shared.keys import Keys
 from recfleet.shared.ledger import (
@@ -32,7 +40,7 @@ from recfleet.shared.ledger import (
     LedgerStatus,
     new_batch_fields,
 )
-from recfleet.shared.messages import ID_PATTERN, Job, make_jobs, new_id
+from recfleet.shared.messages import ID_PATTERN, Job, new_id
 from recfleet.shared.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -85,8 +93,10 @@ async def submit_batch(
     """Queue users: split into jobs of at most ``job_size`` users, publish each with a
     publisher confirm, and answer 202 only once the broker confirmed every job.
 
-    Without ``batch_id`` the request is a whole batch; with it, the users join that open
-    batch (``POST /api/batches``), which becomes a generation once sealed and complete."""
+    Without ``batch_id`` the request is a whole batch: ad-hoc (each job's results go into
+    the current generation as it finishes, updating those users and hiding no one), or
+    with ``"run": true`` a declared run. With ``batch_id``, the users join that open batch
+    (``POST /api/batches``)."""
     if len(body.user_ids) > s.max_users_per_request:
         raise HTTPException(
             status.HTTP_413_CONTENT_TOO_LARGE,
@@ -95,7 +105,9 @@ async def submit_batch(
     if idempotency_key is None:
         return await _queue(body, s, redis, keys, publisher)
     store = IdempotencyStore(redis, s.redis_prefix, s.idempotency_window_s, publish_lease_s(s))
-    body_digest = digest(orjson.dumps([body.batch_id, body.user_ids]))
+    # "run" joins the digest only when set: an ad-hoc body digests as it always did.
+    fields = [body.batch_id, body.user_ids, *([True] if body.run else [])]
+    body_digest = digest(orjson.dumps(fields))
     earlier = await store.begin(idempotency_key, body_digest)
     if earlier is not None:
         return BatchAccepted(**earlier)
@@ -129,20 +141,26 @@ async def _queue(
     when the broker did not confirm every job.
     """
     user_ids = unique_in_order(body.user_ids)
-    n_jobs = -(-len(user_ids) // s.job_size)
+    router = publisher.router
+    parts = router.split(user_ids)
+    n_jobs = router.count_jobs(parts)
+    # The queues of every shard exist before any job is counted in a ledger.
+    await publisher.ensure_shards(router.shards)
     if body.batch_id is None:
         batch_id, first = new_id(), 0
         ledger = keys.batch(batch_id)
         # The ledger exists before the first job can finish, so no progress is lost.
         async with redis.pipeline(transaction=True) as pipe:
-            pipe.hset(ledger, mapping=new_batch_fields(n_jobs, len(user_ids)))  # type: ignore[arg-type]
+            pipe.hset(ledger, mapping=new_batch_fields(n_jobs, len(user_ids), run=body.run))  # type: ignore[arg-type]
             _hold_publish_lease(pipe, ledger, s)
             pipe.expire(ledger, s.batch_ttl_s)
             await pipe.execute()
     else:
         batch_id = body.batch_id
         ledger = keys.batch(batch_id)
-        first = int(await redis.eval(APPEND_SCRIPT, 1, ledger, n_jobs, len(user_ids)))
+        first = int(
+            await redis.eval(APPEND_SCRIPT, 1, ledger, n_jobs, len(user_ids), s.batch_ttl_s)
+        )
         if first == APPEND_MISSING:
             raise HTTPException(status.HTTP_404_NOT_FOUND, f"no batch {batch_id}")
         if first == APPEND_SEALED:
@@ -150,11 +168,11 @@ async def _queue(
         async with redis.pipeline(transaction=True) as pipe:
             _hold_publish_lease(pipe, ledger, s)
             await pipe.execute()
-    jobs = make_jobs(batch_id, user_ids, s.job_size, first_index=first)
+    jobs, queues = router.jobs(batch_id, parts, first_index=first)
     try:
-        await publisher.publish_jobs(jobs)
+        await publisher.publish_jobs(jobs, queues)
     except PublishFailed as exc:
-        await _undo(redis, ledger, exc.failed, exc.reason, whole_batch=body.batch_id is None)
+        await _undo(redis, ledger, exc.failed, exc.reason)
         metrics.PUBLISH_FAILURES.labels(exc.reason).inc()
         raise
     finally:
@@ -183,23 +201,13 @@ def _publisher_died(fields: dict[Any, Any]) -> bool:
     return publishing > 0 and lease < time.time()
 
 
-async def _undo(
-    redis: Redis, ledger: str, failed: list[Job], reason: str, *, whole_batch: bool
-) -> None:
-    """Take jobs the broker did not confirm out of the ledger's totals.
-
-    Confirmed jobs still run. A whole batch that failed can never be complete, so it is
-    rejected as a generation; the client resubmits it.
-    """
+async def _undo(redis: Redis, ledger: str, failed: list[Job], reason: str) -> None:
+    """Take jobs the broker did not confirm out of the ledger's totals; confirmed jobs
+    still run. The client resubmits what was refused (to an open run: before sealing it)."""
     async with redis.pipeline(transaction=True) as pipe:
         pipe.hincrby(ledger, "jobs_total", -len(failed))
         pipe.hincrby(ledger, "users_total", -sum(len(j.user_ids) for j in failed))
         pipe.hset(ledger, "publish_failed", reason)
-        if whole_batch:
-            pipe.hset(
-                ledger,
-                mapping={"gen_state": GenState.REJECTED.value, "gen_reason": f"publish: {reason}"},
-            )
         await pipe.execute()
 
 
@@ -209,15 +217,21 @@ async def _undo(
     response_model=BatchOpened,
     dependencies=SUBMIT,
 )
-async def open_batch(s: SettingsDep, redis: RedisDep, keys: KeysDep) -> BatchOpened:
-    """Open a batch that several requests append users to; seal it when all are in."""
+async def open_batch(
+    s: SettingsDep, redis: RedisDep, keys: KeysDep, body: BatchOpen | None = None
+) -> BatchOpened:
+    """Open a batch that several requests append users to; seal it when all are in.
+
+    With ``{"run": true}`` it is a declared run (a new generation); without, ad-hoc. A
+    batch that never gets a user is forgotten after ``open_batch_ttl_s``."""
+    run = body.run if body else False
     batch_id = new_id()
     ledger = keys.batch(batch_id)
     async with redis.pipeline(transaction=True) as pipe:
-        pipe.hset(ledger, mapping=new_batch_fields(0, 0, sealed=False))  # type: ignore[arg-type]
-        pipe.expire(ledger, s.batch_ttl_s)
+        pipe.hset(ledger, mapping=new_batch_fields(0, 0, sealed=False, run=run))  # type: ignore[arg-type]
+        pipe.expire(ledger, s.open_batch_ttl_s)
         await pipe.execute()
-    return BatchOpened(batch_id=batch_id)
+    return BatchOpened(batch_id=batch_id, run=run)
 
 
 @router.post(

@@ -206,7 +206,7 @@ async def _burst(base_url: str, users: list[int], n: int) -> list[httpx.Response
     async with httpx.AsyncClient(base_url=base_url, timeout=30) as client:
         return await asyncio.gather(
             *(
-                client.post("/api/playlist/beta_recommend/", json={"user_ids": users})
+                client.post("/api/playlist/beta_recommend/", json={"user_ids": users, "run": True})
                 for _ in range(n)
             )
         )
