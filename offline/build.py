@@ -37,10 +37,10 @@ from recfleet.offline import evaluate, tuning
 from recfleet.offline.bpr import BPRConfig, Feedback, TrainingData, load_feedback, train_bpr
 from recfleet.offline.candidates import popularity_rank
 from recfleet.offline.pairing import PairingConfig, pair_users
+from recfleet.offline.publish import move_into_place, set_usual_modes
 from recfleet.offline.synthetic import SyntheticConfig, SyntheticTruth, generate
 from recfleet.shared.artifacts import (
     EMBEDDINGS,
-    MANIFEST,
     NPY_FILES,
     load_artifacts,
     sha256_file,
@@ -279,35 +279,6 @@ def _build_into(
     }
 
 
-def _set_usual_modes(path: Path) -> None:
-    """Give the directory and its files the modes the umask gives new ones.
-
-    ``mkdtemp`` makes the directory 0700 and safetensors writes 0600, which would keep
-    workers running as another user (containers) from reading the artifacts.
-    """
-    umask = os.umask(0)
-    os.umask(umask)
-    path.chmod(0o777 & ~umask)
-    for file in path.iterdir():
-        file.chmod(0o666 & ~umask)
-
-
-def _move_into_place(tmp: Path, out: Path) -> None:
-    """Rename ``tmp`` to ``out``, replacing an earlier artifact directory there.
-
-    Raises FileExistsError if ``out`` exists and is not an (empty or) artifact directory.
-    """
-    if not out.exists():
-        tmp.rename(out)
-        return
-    if not out.is_dir() or (any(out.iterdir()) and not (out / MANIFEST).is_file()):
-        raise FileExistsError(f"{out} exists and is not an artifact directory; not replacing it")
-    old = out.with_name(f".{out.name}.old-{os.getpid()}")
-    out.rename(old)
-    tmp.rename(out)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def build_artifacts(
     out: Path,
     *,
@@ -354,8 +325,8 @@ def build_artifacts(
         manifest["timings"]["total"] = round(time.perf_counter() - start, 3)
         manifest = write_manifest(tmp, manifest)
         load_artifacts(tmp)
-        _set_usual_modes(tmp)
-        _move_into_place(tmp, out)
+        set_usual_modes(tmp)
+        move_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
