@@ -4,9 +4,6 @@ find the rows in PostgreSQL. Screenshots go to ``test-artifacts/``."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,7 +15,7 @@ from playwright.sync_api import Browser, Page, expect, sync_playwright
 from pydantic import PostgresDsn
 
 from recfleet.cli.client import submit, wait
-from recfleet.cli.fleet import LocalFleet, settings_env
+from recfleet.cli.fleet import LocalFleet
 from recfleet.shared.artifacts import read_manifest
 from recfleet.shared.settings import Settings
 from tests.support.net import free_port
@@ -188,32 +185,11 @@ def test_messages_for_bad_input_missing_and_unknown_users_and_a_failed_like(
 
 
 @contextmanager
-def gateway(settings: Settings, log: Path) -> Iterator[str]:
-    """A gateway process alone; yields its URL."""
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "recfleet.cli.main", "api"],
-            env=settings_env(settings),
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    url = settings.api_url
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, log.read_text()
-            try:
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"the gateway never became ready:\n{log.read_text()[-2000:]}")
-            time.sleep(0.2)
-        yield url
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+def gateway(settings: Settings, log_dir: Path) -> Iterator[str]:
+    """A gateway process alone (its log is ``api.log`` in ``log_dir``); yields its URL.
+    Raises FleetError if it exits or never gets ready."""
+    with LocalFleet(settings, 0, log_dir) as fleet:
+        yield fleet.base_url
 
 
 def test_the_page_says_so_when_postgresql_is_down(
@@ -221,7 +197,7 @@ def test_the_page_says_so_when_postgresql_is_down(
 ) -> None:
     closed = PostgresDsn(f"postgresql://postgres@127.0.0.1:{free_port()}/postgres")
     settings = fleet.settings.model_copy(update={"database_url": closed, "api_port": free_port()})
-    with gateway(settings, tmp_path / "api.log") as url:
+    with gateway(settings, tmp_path) as url:
         page.goto(f"{url}/")
         look_up(page, "7")
         message = page.locator("#message")

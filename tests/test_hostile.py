@@ -34,7 +34,7 @@ from pydantic import PostgresDsn
 from recfleet.api.auth import LIKE_TOKEN_HEADER, PAGE_TOKEN_HEADER, Role, entry, new_key
 from recfleet.api.idempotency import digest
 from recfleet.cli.client import _post
-from recfleet.cli.fleet import settings_env
+from recfleet.cli.fleet import LocalFleet
 from recfleet.shared.codec import encode_results, model_tag
 from recfleet.shared.keys import Keys
 from recfleet.shared.settings import Settings
@@ -86,32 +86,11 @@ def hostile_settings(
 @pytest.fixture(scope="module")
 def gateway(hostile_settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """``recfleet api`` in its own process; yields its URL. Fails if it never gets ready."""
-    log = tmp_path_factory.mktemp("hostile") / "api.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "recfleet.cli.main", "api"],
-            env=settings_env(hostile_settings),
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    url = f"http://{hostile_settings.api_host}:{hostile_settings.api_port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, log.read_text()
-            try:
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"the gateway never became ready:\n{log.read_text()[-2000:]}")
-            time.sleep(0.2)
-        yield url
-        assert "Traceback" not in log.read_text(), log.read_text()[-3000:]
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+    logs = tmp_path_factory.mktemp("hostile")
+    with LocalFleet(hostile_settings, 0, logs) as fleet:
+        yield fleet.base_url
+        log = (logs / "api.log").read_text()
+        assert "Traceback" not in log, log[-3000:]
 
 
 def post(url: str, path: str, body: bytes, headers: dict[str, str] | None = None) -> httpx.Response:
