@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import subprocess
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -25,6 +24,7 @@ from recfleet.shared.messages import decode_job
 from recfleet.shared.settings import Settings
 from recfleet.shared.topology import HEADER_BATCH_ID, HEADER_USERS
 from tests.support.net import free_port
+from tests.support.services import PrivateRedis
 
 
 @pytest.fixture
@@ -277,23 +277,10 @@ async def test_a_batch_whose_publisher_died_ends_failed_with_the_reason(
 
 
 async def test_reads_answer_503_while_redis_is_down(settings: Settings, tmp_path: Path) -> None:
-    port = free_port()
-    server = subprocess.Popen(
-        [
-            "redis-server",
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--dir",
-            str(tmp_path),
-        ],
-        stdout=subprocess.DEVNULL,
-    )
+    server = PrivateRedis(tmp_path)
+    server.start()
     try:
-        private = settings.model_copy(update={"redis_url": RedisDsn(f"redis://127.0.0.1:{port}/0")})
+        private = settings.model_copy(update={"redis_url": RedisDsn(server.url)})
         app = create_app(private)
         async with app.router.lifespan_context(app):
             transport = httpx.ASGITransport(app=app)
@@ -303,13 +290,11 @@ async def test_reads_answer_503_while_redis_is_down(settings: Settings, tmp_path
                     assert time.monotonic() < deadline, "private redis-server did not start"
                     await asyncio.sleep(0.05)
                 assert (await c.get("/api/playlist/7")).status_code == 404
-                server.terminate()
-                server.wait(timeout=10)
+                server.stop()
                 down = await c.get("/api/playlist/7")
                 status = await c.get("/api/batches/abc")
     finally:
         server.kill()
-        server.wait()
     for resp in (down, status):
         assert resp.status_code == 503 and resp.headers["Retry-After"] == "5"
         assert resp.json() == {"detail": "Redis is unavailable; retry later"}
