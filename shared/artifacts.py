@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import struct
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -98,6 +99,36 @@ class Artifacts:
         pos_clipped = np.minimum(pos, len(self.user_ids) - 1)
         found = (pos < len(self.user_ids)) & (self.user_ids[pos_clipped] == ids)
         return np.where(found, pos_clipped, -1)
+
+
+def check_recorded_files(
+    directory: Path,
+    names: Iterable[str],
+    recorded: Mapping[str, Any],
+    *,
+    record: str,
+    verify: bool,
+    prefix: str = "",
+) -> None:
+    """Check that each of ``names`` is in ``directory`` with the size (and, with
+    ``verify``, the SHA-256) that ``record`` (a manifest or shard map) wrote down in
+    ``recorded``. Messages name a file as ``prefix + name``.
+
+    Raises ArtifactError naming the file and the problem.
+    """
+    for name in names:
+        label = f"{prefix}{name}"
+        fpath = directory / name
+        if not fpath.is_file():
+            raise ArtifactError(f"{label} is missing from {directory}")
+        expected = recorded.get(name)
+        if not isinstance(expected, dict):
+            raise ArtifactError(f"{record}: no checksum recorded for {label}")
+        size = fpath.stat().st_size
+        if size != expected.get("bytes"):
+            raise ArtifactError(f"{label}: {size} bytes, {record} says {expected.get('bytes')}")
+        if verify and sha256_file(fpath) != expected.get("sha256"):
+            raise ArtifactError(f"{label}: checksum mismatch (file changed or corrupt)")
 
 
 def sha256_file(path: Path) -> str:
@@ -189,18 +220,9 @@ def load_artifacts(path: Path | str, *, verify_checksums: bool = True) -> Artifa
     """
     path = Path(path)
     manifest = read_manifest(path)
-    for name in ALL_FILES:
-        fpath = path / name
-        if not fpath.is_file():
-            raise ArtifactError(f"{name} is missing from {path}")
-        expected = manifest["files"].get(name)
-        if expected is None:
-            raise ArtifactError(f"{MANIFEST}: no checksum recorded for {name}")
-        size = fpath.stat().st_size
-        if size != expected.get("bytes"):
-            raise ArtifactError(f"{name}: {size} bytes, manifest says {expected.get('bytes')}")
-        if verify_checksums and sha256_file(fpath) != expected.get("sha256"):
-            raise ArtifactError(f"{name}: checksum mismatch (file changed or corrupt)")
+    check_recorded_files(
+        path, ALL_FILES, manifest["files"], record=MANIFEST, verify=verify_checksums
+    )
 
     emb_path = path / EMBEDDINGS
     layout = safetensors_layout(emb_path)

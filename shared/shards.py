@@ -32,6 +32,7 @@ from recfleet.shared.artifacts import (
     MANIFEST,
     SHARD_MAP,
     Artifacts,
+    check_recorded_files,
     check_shapes,
     current_dir,
     load_artifacts,
@@ -201,8 +202,18 @@ def load_model(path: Path | str, shard: int | None, *, verify_checksums: bool = 
         )
     entry = next(s for s in smap.shards if s.index == shard)
     shard_dir, shared_dir = path / entry.directory, path / SHARED_DIR
-    _check_files(shard_dir, SHARD_FILES, entry.files, verify_checksums)
-    _check_files(shared_dir, SHARED_FILES, smap.doc["shared"], verify_checksums)
+    for directory, names, recorded in (
+        (shard_dir, SHARD_FILES, entry.files),
+        (shared_dir, SHARED_FILES, smap.doc["shared"]),
+    ):
+        check_recorded_files(
+            directory,
+            names,
+            recorded,
+            record=SHARD_MAP,
+            verify=verify_checksums,
+            prefix=f"{directory.name}/",
+        )
     users_path, playlists_path = shard_dir / USER_EMBEDDINGS, shared_dir / PLAYLIST_EMBEDDINGS
     manifest = {
         **{k: v for k, v in smap.doc.items() if k not in ("shards", "shared")},
@@ -234,24 +245,6 @@ def file_entries(directory: Path, names: tuple[str, ...]) -> dict[str, dict[str,
         n: {"bytes": (directory / n).stat().st_size, "sha256": sha256_file(directory / n)}
         for n in names
     }
-
-
-def _check_files(
-    directory: Path, names: tuple[str, ...], recorded: dict[str, Any], verify: bool
-) -> None:
-    for name in names:
-        fpath = directory / name
-        where = f"{directory.name}/{name}"
-        if not fpath.is_file():
-            raise ArtifactError(f"{where} is missing")
-        expected = recorded.get(name)
-        if not isinstance(expected, dict):
-            raise ArtifactError(f"{SHARD_MAP}: no checksum recorded for {where}")
-        size = fpath.stat().st_size
-        if size != expected.get("bytes"):
-            raise ArtifactError(f"{where}: {size} bytes, {SHARD_MAP} says {expected.get('bytes')}")
-        if verify and sha256_file(fpath) != expected.get("sha256"):
-            raise ArtifactError(f"{where}: checksum mismatch (file changed or corrupt)")
 
 
 def _read_json(path: Path) -> dict[str, Any]:
