@@ -187,6 +187,22 @@ def load_npy(path: Path, key: str) -> np.ndarray:
     return arr
 
 
+def read_json_object(path: Path) -> dict[str, Any]:
+    """A JSON object read from ``path``.
+
+    Raises ArtifactError when the file is missing, not JSON, or not an object.
+    """
+    if not path.is_file():
+        raise ArtifactError(f"{path.name} is missing from {path.parent}")
+    try:
+        doc = json.loads(path.read_text())
+    except ValueError as exc:
+        raise ArtifactError(f"{path.name} is not valid JSON ({exc})") from exc
+    if not isinstance(doc, dict):
+        raise ArtifactError(f"{path.name} is not a JSON object")
+    return doc
+
+
 def read_manifest(path: Path) -> dict[str, Any]:
     """Read and check the manifest of an artifact directory.
 
@@ -194,13 +210,7 @@ def read_manifest(path: Path) -> dict[str, Any]:
     """
     if not path.is_dir():
         raise ArtifactError(f"artifact directory {path} does not exist")
-    mpath = path / MANIFEST
-    if not mpath.is_file():
-        raise ArtifactError(f"{MANIFEST} is missing from {path}")
-    try:
-        manifest = json.loads(mpath.read_text())
-    except ValueError as exc:
-        raise ArtifactError(f"{MANIFEST} is not valid JSON ({exc})") from exc
+    manifest = read_json_object(path / MANIFEST)
     version = manifest.get("format_version")
     if version != FORMAT_VERSION:
         raise ArtifactError(

@@ -21,7 +21,6 @@ An unsharded artifact directory is a model of one shard.
 from __future__ import annotations
 
 import itertools
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,6 +37,7 @@ from recfleet.shared.artifacts import (
     load_artifacts,
     load_npy,
     map_tensor,
+    read_json_object,
     read_manifest,
     safetensors_layout,
     sha256_file,
@@ -113,10 +113,10 @@ def read_shard_map(path: Path | str) -> ShardMap:
     """
     path = Path(path)
     if not is_sharded(path):
-        manifest = _read_json(path / MANIFEST)
+        manifest = read_json_object(path / MANIFEST)
         whole = ShardRange(0, ".", 0, None, int(manifest.get("n_users", 0)), {})
         return ShardMap(path, str(manifest.get("model_version")), (whole,), manifest)
-    doc = _read_json(path / SHARD_MAP)
+    doc = read_json_object(path / SHARD_MAP)
     if doc.get("format_version") != SHARD_MAP_VERSION:
         raise ArtifactError(
             f"{SHARD_MAP}: format_version {doc.get('format_version')!r} is not supported"
@@ -245,18 +245,6 @@ def file_entries(directory: Path, names: tuple[str, ...]) -> dict[str, dict[str,
         n: {"bytes": (directory / n).stat().st_size, "sha256": sha256_file(directory / n)}
         for n in names
     }
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise ArtifactError(f"{path.name} is missing from {path.parent}")
-    try:
-        doc = json.loads(path.read_text())
-    except ValueError as exc:
-        raise ArtifactError(f"{path.name} is not valid JSON ({exc})") from exc
-    if not isinstance(doc, dict):
-        raise ArtifactError(f"{path.name} is not a JSON object")
-    return doc
 
 
 def shard_count(root: Path | str) -> int:

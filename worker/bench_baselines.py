@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from recfleet.worker.ranking import Ranker, RankResult
+from recfleet.worker.ranking import Ranker, RankResult, checked_rows
 
 _PAD_KEY = np.iinfo(np.int64).min
 _LOW_MAX = 2**31 - 1  # low key half: _LOW_MAX - row, so a lower row sorts higher
@@ -143,11 +143,7 @@ class BlockedRanker(Ranker):
 
         Raises ValueError unless user_rows is 1-d with every row -1 or a user row.
         """
-        rows = np.asarray(user_rows, dtype=np.int64)
-        if rows.ndim != 1:
-            raise ValueError(f"user rows must be 1-d, got shape {rows.shape}")
-        if len(rows) and (int(rows.min()) < -1 or int(rows.max()) >= self.n_users):
-            raise ValueError(f"user rows must be -1 or in 0..{self.n_users - 1}")
+        rows = checked_rows(user_rows, self.n_users)
         job = _cut_candidates(self._indptr, self._indices, rows)
         playlists = np.empty((len(rows), self.k), dtype=np.int64)
         if job.total:

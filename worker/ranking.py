@@ -51,6 +51,19 @@ class RankResult:
     n_candidates: np.ndarray
 
 
+def checked_rows(user_rows: np.ndarray, n_users: int) -> np.ndarray:
+    """A job's user rows as int64, each -1 (unknown user) or a row below ``n_users``.
+
+    Raises ValueError unless the rows are 1-d and in range.
+    """
+    rows = np.asarray(user_rows, dtype=np.int64)
+    if rows.ndim != 1:
+        raise ValueError(f"user rows must be 1-d, got shape {rows.shape}")
+    if len(rows) and (int(rows.min()) < -1 or int(rows.max()) >= n_users):
+        raise ValueError(f"user rows must be -1 or in 0..{n_users - 1}")
+    return rows
+
+
 class Ranker:
     """Ranks jobs of users against one model's embeddings and candidate lists.
 
@@ -113,11 +126,7 @@ class Ranker:
 
         Raises ValueError unless user_rows is 1-d with every row -1 or a user row.
         """
-        rows = np.asarray(user_rows, dtype=np.int64)
-        if rows.ndim != 1:
-            raise ValueError(f"user rows must be 1-d, got shape {rows.shape}")
-        if len(rows) and (int(rows.min()) < -1 or int(rows.max()) >= self.n_users):
-            raise ValueError(f"user rows must be -1 or in 0..{self.n_users - 1}")
+        rows = checked_rows(user_rows, self.n_users)
         users = np.take(self._users, np.maximum(rows, 0), axis=0).astype(np.float32, copy=False)
         playlists = np.empty((len(rows), self.k), dtype=np.int64)
         counts = np.empty(len(rows), dtype=np.int64)
