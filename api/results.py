@@ -12,13 +12,9 @@ from redis.asyncio import Redis
 from redis.exceptions import NoScriptError
 
 from recfleet.api.schemas import UserResult
-from recfleet.shared.codec import decode_result
+from recfleet.shared.codec import as_text, decode_result
 from recfleet.shared.generations import READ_SCRIPT, read_order
 from recfleet.shared.keys import BASE, BUCKET_BITS, Keys
-
-
-def _text(value: object) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 @dataclass
@@ -45,7 +41,7 @@ class GenerationCache:
         """Keyspaces to read from, newest first, ending with ``live``."""
         if not self.fresh():
             names = await self.redis.zrevrange(self.keys.history, 0, -1)
-            order = read_order([_text(n) for n in names])
+            order = read_order([as_text(n) for n in names])
             self.prefixes = [self.keys.result_prefix(gen) for gen in order]
             self.names = order
             self._read_at = time.monotonic()
@@ -85,7 +81,7 @@ class ResultReader:
         version = self.model_versions.get(tag)
         if version is None:
             raw = await self.redis.hget(self.keys.models, str(tag))
-            version = _text(raw) if raw else f"unknown-{tag:08x}"
+            version = as_text(raw) if raw else f"unknown-{tag:08x}"
             if raw:
                 self.model_versions[tag] = version
         return version

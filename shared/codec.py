@@ -6,6 +6,7 @@ from __future__ import annotations
 import struct
 import zlib
 from dataclasses import dataclass
+from typing import overload
 
 import numpy as np
 
@@ -13,6 +14,18 @@ HEADER = struct.Struct("<BII")
 FLAG_COLD = 1
 FLAG_WIDE = 2
 NO_PLAYLIST = -1
+
+
+@overload
+def as_text(value: None) -> None: ...
+@overload
+def as_text(value: object) -> str: ...
+def as_text(value: object) -> str | None:
+    """A Redis reply as text: bytes decoded, None kept (a missing field), anything else
+    through ``str``."""
+    if value is None:
+        return None
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def model_tag(model_version: str) -> int:

@@ -25,6 +25,7 @@ import time
 from collections.abc import Generator
 from typing import Any
 
+from recfleet.shared.codec import as_text
 from recfleet.shared.keys import BASE, Keys
 from recfleet.shared.ledger import GenState, LedgerStatus
 from recfleet.shared.settings import Settings
@@ -91,10 +92,6 @@ def now_s() -> str:
     return f"{time.time():.3f}"
 
 
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
 # -- finalize: written once as a generator of Redis commands, driven by a sync client in
 # workers and the CLI, and by an async client in the gateway.
 Command = tuple[Any, ...]
@@ -119,8 +116,8 @@ def finalize_steps(batch_id: str, settings: Settings, keys: Keys) -> Steps:
         return str(status.gen_reason)
     current = yield ("ZREVRANGE", keys.history, 0, 0)
     current_users = None
-    if current and _text(current[0]) != batch_id:
-        raw = yield ("HGET", keys.batch(_text(current[0])), "users_done")
+    if current and as_text(current[0]) != batch_id:
+        raw = yield ("HGET", keys.batch(as_text(current[0])), "users_done")
         current_users = int(raw) if raw is not None else None
     reason = check_gates(status, settings, current_users)
     if reason is not None:
@@ -133,7 +130,7 @@ def finalize_steps(batch_id: str, settings: Settings, keys: Keys) -> Steps:
     # `generations list` read it); it expires like any other once retired.
     yield ("PERSIST", ledger)
     for gen in removed or []:
-        yield from retire_steps(keys, _text(gen), settings.batch_ttl_s)
+        yield from retire_steps(keys, as_text(gen), settings.batch_ttl_s)
     return None
 
 
@@ -189,7 +186,7 @@ def activate(client: Any, keys: Keys, batch_id: str, ttl_s: int) -> list[str]:
         raise ValueError(f"batch {batch_id} has no results (none written, or pruned)")
     now = now_s()
     removed = client.eval(ACTIVATE_SCRIPT, 1, keys.history, batch_id, now)
-    names = [_text(g) for g in removed]
+    names = [as_text(g) for g in removed]
     with client.pipeline(transaction=False) as pipe:
         active = {"gen_state": GenState.ACTIVE.value, "activated_at": now}
         pipe.hset(keys.batch(batch_id), mapping=active)

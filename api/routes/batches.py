@@ -28,6 +28,7 @@ from recfleet.api.schemas import (
     BatchStatus,
     Problem,
 )
+from recfleet.shared.codec import as_text
 from recfleet.shared.generations import finalize_steps, run_steps_async
 from recfleet.shared.keys import Keys
 from recfleet.shared.ledger import (
@@ -46,10 +47,6 @@ from recfleet.shared.settings import Settings
 log = logging.getLogger(__name__)
 # The ledger field naming the API key that opened a batch (absent on an open gateway).
 OWNER = "owner"
-
-
-def _text(value: bytes | str | None) -> str | None:
-    return value.decode() if isinstance(value, bytes) else value
 
 
 router = APIRouter(tags=["batches"], route_class=OrjsonRoute)
@@ -173,7 +170,7 @@ async def _queue(
     else:
         batch_id = body.batch_id
         ledger = keys.batch(batch_id)
-        check_owner(_text(await redis.hget(ledger, OWNER)), caller, f"batch {batch_id}")
+        check_owner(as_text(await redis.hget(ledger, OWNER)), caller, f"batch {batch_id}")
         first = int(
             await redis.eval(APPEND_SCRIPT, 1, ledger, n_jobs, len(user_ids), s.batch_ttl_s)
         )
@@ -275,7 +272,7 @@ async def seal_batch(
     """No more users for this batch. If every job already finished, run the switch now.
     Only the key that opened the batch (or an operator's) may seal it."""
     ledger = keys.batch(batch_id)
-    check_owner(_text(await redis.hget(ledger, OWNER)), caller, f"batch {batch_id}")
+    check_owner(as_text(await redis.hget(ledger, OWNER)), caller, f"batch {batch_id}")
     outcome = int(await redis.eval(SEAL_SCRIPT, 1, ledger))
     if outcome == -1:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"no batch {batch_id}")

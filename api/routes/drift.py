@@ -38,6 +38,7 @@ from recfleet.api.auth import Role, require
 from recfleet.api.deps import KeysDep, RedisDep
 from recfleet.api.limits import OrjsonRoute
 from recfleet.api.schemas import Problem
+from recfleet.shared.codec import as_text
 from recfleet.shared.drift import chi_square, cold_fraction
 from recfleet.shared.keys import Keys
 from recfleet.shared.ledger import LedgerStatus
@@ -90,10 +91,6 @@ class PinnedReference(ClosedModel):
     batch_id: str | None = Field(default=None, pattern=ID_PATTERN)
 
 
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
-
-
 def batch_counts(batch_id: str, fields: dict[Any, Any]) -> BatchCounts:
     """The drift-relevant figures of one batch ledger."""
     doc = LedgerStatus.parse(batch_id, fields).document()
@@ -137,7 +134,7 @@ async def _previous_finished(redis: Redis, keys: Keys, batch_id: str) -> BatchCo
     score = await redis.zscore(keys.batches, batch_id)
     newest = "+inf" if score is None else f"({score}"
     found = await redis.zrevrangebyscore(keys.batches, newest, "-inf", start=0, num=PREVIOUS_LIMIT)
-    ids = [_text(member) for member in cast(list[bytes], found)]
+    ids = [as_text(member) for member in cast(list[bytes], found)]
     for other, fields in zip(ids, await _ledgers(redis, keys, ids), strict=True):
         if other != batch_id and fields:
             counts = batch_counts(other, fields)
@@ -157,10 +154,10 @@ async def resolve_reference(
             raise HTTPException(status.HTTP_404_NOT_FOUND, f"no reference batch {requested}")
         return batch_counts(requested, fields), "request"
     pinned = await redis.get(keys.drift_reference)
-    if pinned is not None and _text(pinned) != batch_id:
-        fields = await redis.hgetall(keys.batch(_text(pinned)))
+    if pinned is not None and as_text(pinned) != batch_id:
+        fields = await redis.hgetall(keys.batch(as_text(pinned)))
         if fields:
-            return batch_counts(_text(pinned), fields), "pinned"
+            return batch_counts(as_text(pinned), fields), "pinned"
     previous = await _previous_finished(redis, keys, batch_id)
     return previous, "previous" if previous else None
 
@@ -194,7 +191,7 @@ async def get_drift(
 async def get_pinned_reference(redis: RedisDep, keys: KeysDep) -> PinnedReference:
     """The batch pinned as drift reference, if any."""
     pinned = await redis.get(keys.drift_reference)
-    return PinnedReference(batch_id=_text(pinned) if pinned is not None else None)
+    return PinnedReference(batch_id=as_text(pinned) if pinned is not None else None)
 
 
 @router.put(
@@ -229,7 +226,7 @@ async def refresh_batches(redis: Redis, keys: Keys, batch_ttl_s: float) -> None:
     await redis.zremrangebyscore(keys.batches, "-inf", now - batch_ttl_s)
     found = await redis.zrevrange(keys.batches, 0, RECENT_LIMIT - 1, withscores=True)
     entries = cast(list[tuple[bytes, float]], found)
-    ids = [_text(member) for member, _ in entries]
+    ids = [as_text(member) for member, _ in entries]
     scores = [float(score) for _, score in entries]
     states = dict.fromkeys(STATES, 0)
     latest: BatchCounts | None = None
