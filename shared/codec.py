@@ -33,13 +33,12 @@ def model_tag(model_version: str) -> int:
     return zlib.crc32(model_version.encode())
 
 
-def encode_results(
+def result_records(
     playlists: np.ndarray, cold: np.ndarray, generated_at: int, tag: int
-) -> list[bytes]:
-    """Pack one result per row of ``playlists`` ([n, k] external ids, NO_PLAYLIST = padding).
-
-    Encodes the whole job with numpy at once and returns one ``bytes`` per user.
-    """
+) -> np.ndarray:
+    """Pack one result per row of ``playlists`` ([n, k] external ids, NO_PLAYLIST = padding)
+    as uint8 [n, width]: row ``i`` holds user ``i``'s packed result. The whole job is
+    encoded with numpy at once."""
     n, k = playlists.shape
     wide = bool(n and (playlists.max() >= 2**32))
     item = np.dtype("<i8") if wide else np.dtype("<u4")
@@ -53,9 +52,20 @@ def encode_results(
         if wide
         else np.where(playlists < 0, 0xFFFFFFFF, playlists).astype(np.uint32)
     )
-    raw = out.tobytes()
-    size = rec.itemsize
-    return [raw[i * size : (i + 1) * size] for i in range(n)]
+    return out.view(np.uint8).reshape(n, rec.itemsize)
+
+
+def split_records(records: np.ndarray) -> list[bytes]:
+    """One ``bytes`` per row of ``result_records``'s array."""
+    raw, size = records.tobytes(), records.shape[1]
+    return [raw[i * size : (i + 1) * size] for i in range(len(records))]
+
+
+def encode_results(
+    playlists: np.ndarray, cold: np.ndarray, generated_at: int, tag: int
+) -> list[bytes]:
+    """``result_records`` as one ``bytes`` per user."""
+    return split_records(result_records(playlists, cold, generated_at, tag))
 
 
 @dataclass(frozen=True)

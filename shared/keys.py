@@ -104,27 +104,45 @@ class Keys:
         return result_key.split(":")[2]
 
 
+@dataclass(frozen=True)
+class BucketGroups:
+    """A job's users grouped by result hash: ``order`` sorts the users by bucket (stably),
+    group ``g`` is ``order[ends[g-1]:ends[g]]``, its hash holds user ids from
+    ``firsts[g]``, and ``fields[i]`` is the field of user ``order[i]``."""
+
+    order: np.ndarray
+    ends: np.ndarray
+    firsts: list[int]
+    fields: np.ndarray
+
+    @classmethod
+    def of(cls, user_ids: Sequence[int] | np.ndarray) -> BucketGroups:
+        """Grouped with numpy (a Python call per user cost ~4 ms per job of 1000 users)."""
+        ids = np.asarray(user_ids, dtype=np.int64)
+        buckets = ids >> BUCKET_BITS
+        order = np.argsort(buckets, kind="stable")
+        firsts, starts = np.unique(buckets[order], return_index=True)
+        ends = np.append(starts[1:], len(ids)) if len(ids) else starts
+        ends = ends.astype(np.int64)
+        fields = ids[order] & ((1 << BUCKET_BITS) - 1)
+        return cls(order, ends, (firsts << BUCKET_BITS).tolist(), fields)
+
+
 def bucket_mappings(
     keys: Keys, generation: str, user_ids: Sequence[int] | np.ndarray, values: list[bytes]
 ) -> dict[str, dict[int, bytes]]:
     """Group packed results by result hash: ``{key: {field: value}}``, one HSET each.
 
-    Grouped with numpy (a Python call per user cost ~4 ms per job of 1000 users); within a
-    hash, a later duplicate of a user overrides an earlier one, as a dict would.
+    Within a hash, a later duplicate of a user overrides an earlier one, as a dict would.
     """
     if len(values) != len(user_ids):
         raise ValueError(f"{len(user_ids)} user ids but {len(values)} values")
-    ids = np.asarray(user_ids, dtype=np.int64)
-    buckets = ids >> BUCKET_BITS
-    order = np.argsort(buckets, kind="stable")
-    fields = (ids[order] & ((1 << BUCKET_BITS) - 1)).tolist()
-    ordered = [values[i] for i in order.tolist()]
-    bounds, starts = np.unique(buckets[order], return_index=True)
-    ends = [*starts[1:].tolist(), len(ids)]
-    spans = zip(bounds.tolist(), starts.tolist(), ends, strict=True)
+    groups = BucketGroups.of(user_ids)
+    fields = groups.fields.tolist()
+    ordered = [values[i] for i in groups.order.tolist()]
+    ends = groups.ends.tolist()
+    spans = zip(groups.firsts, [0, *ends][:-1], ends, strict=True)
     return {
-        keys.result_bucket(generation, bucket << BUCKET_BITS): dict(
-            zip(fields[lo:hi], ordered[lo:hi], strict=True)
-        )
-        for bucket, lo, hi in spans
+        keys.result_bucket(generation, first): dict(zip(fields[lo:hi], ordered[lo:hi], strict=True))
+        for first, lo, hi in spans
     }

@@ -8,15 +8,18 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import redis
+from redis.commands.core import Script
+from redis.exceptions import NoScriptError
 
-from recfleet.shared.codec import encode_results
+from recfleet.shared.codec import result_records, split_records
 from recfleet.shared.drift import POPULARITY_LABELS
 from recfleet.shared.errors import TransientError
 from recfleet.shared.generations import finalize_steps, run_steps
-from recfleet.shared.keys import BASE, Keys, bucket_mappings
+from recfleet.shared.keys import BASE, BucketGroups, Keys
 from recfleet.shared.ledger import (
     COMPLETED,
     PIN_SCRIPT,
@@ -28,6 +31,7 @@ from recfleet.shared.messages import Job
 from recfleet.shared.settings import Settings
 from recfleet.worker import metrics
 from recfleet.worker.models import Model, ModelStore
+from recfleet.worker.resp import pack_hsets, send_packed
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +49,21 @@ class JobSummary:
 
 
 @dataclass(frozen=True)
+class _Call:
+    """One command of a job's write: a plain command (``args``), or a script run with
+    ``keys`` and ``args``."""
+
+    args: tuple[Any, ...]
+    script: Script | None = None
+    keys: tuple[str, ...] = ()
+
+    def command(self) -> tuple[Any, ...]:
+        if self.script is None:
+            return self.args
+        return ("EVALSHA", self.script.sha, len(self.keys), *self.keys, *self.args)
+
+
+@dataclass(frozen=True)
 class BatchInfo:
     """What a worker needs to know about a job's batch, read once per batch."""
 
@@ -57,8 +76,20 @@ class JobHandler:
     """Ranks jobs with the batch's model and writes results where the batch's kind says:
     a declared run into its own generation, anything else into the current one."""
 
-    def __init__(self, settings: Settings, models: ModelStore, client: redis.Redis) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        models: ModelStore,
+        client: redis.Redis,
+        *,
+        packed_writes: bool | None = None,
+    ) -> None:
+        """``packed_writes``: write results as RESP packed here (default: unless ``client``
+        is a cluster client, whose pipeline routes each key to its node)."""
         self.settings = settings
+        self.packed_writes = (
+            not isinstance(client, redis.RedisCluster) if packed_writes is None else packed_writes
+        )
         self.models = models
         self.redis = client
         self.keys = Keys(settings.redis_prefix)
@@ -129,13 +160,13 @@ class JobHandler:
         ranked = model.ranker.rank(art.user_rows(user_ids))
         rows = ranked.playlists
         external = np.where(rows >= 0, art.playlist_ids[np.maximum(rows, 0)], -1)
-        values = encode_results(external, ranked.cold, int(job.created_at), model.tag)
+        records = result_records(external, ranked.cold, int(job.created_at), model.tag)
         recommended = self.recommended_by_bucket(model, rows)
         rank_s = time.perf_counter() - start
 
         write_start = time.perf_counter()
         cold = int(ranked.cold.sum())
-        outcome = self._write(job, model, user_ids, values, cold, recommended)
+        outcome = self._write(job, model, user_ids, records, cold, recommended)
         write_s = time.perf_counter() - write_start
         if outcome == COMPLETED:
             self.finalize(job.batch_id)
@@ -171,56 +202,96 @@ class JobHandler:
         job: Job,
         model: Model,
         user_ids: np.ndarray,
-        values: list[bytes],
+        records: np.ndarray,
         cold: int,
         recommended: dict[str, int],
     ) -> int:
-        """One pipelined round trip; returns the progress script's answer (0 without a
-        ledger)."""
+        """Every result, the job's bookkeeping and its progress in one round trip; returns
+        the progress script's answer (0 without a ledger).
+
+        Raises TransientError when Redis cannot be reached.
+        """
         info = self.batch_info(job)
         generation = self.target(job)
-        by_bucket = bucket_mappings(self.keys, generation, user_ids.tolist(), values)
-        ttl = self.settings.batch_ttl_s
-        try:
-            with self.redis.pipeline(transaction=False) as pipe:
-                for key, mapping in by_bucket.items():
-                    pipe.hset(key, mapping=mapping)  # type: ignore[arg-type]
-                    if generation == BASE:  # no run owns it, so prune never deletes it
-                        pipe.expire(key, ttl)
-                pipe.hset(self.keys.models, str(model.tag), model.version)
-                if info.run:  # prune finds the run's keyspace here once it is retired
-                    pipe.zadd(self.keys.runs, {job.batch_id: time.time()}, nx=True)
-                if not info.ledger:
-                    pipe.execute()
-                    return 0
-                self._revive(
-                    keys=[
-                        self.keys.batch(job.batch_id),
-                        self.keys.batch_dead(job.batch_id),
-                        self.keys.batch_dead_users(job.batch_id),
-                    ],
-                    args=[job.job_id, len(user_ids)],
-                    client=pipe,
-                )
-                self._progress(
-                    keys=[self.keys.batch(job.batch_id), self.keys.batch_done(job.batch_id)],
-                    args=[
-                        job.job_id,
-                        len(user_ids),
-                        cold,
-                        f"{time.time():.3f}",
-                        self.settings.batch_ttl_s,
-                        "done",
-                        *popularity_args(recommended),
-                    ],
-                    client=pipe,
-                )
+        now = time.time()
+        calls = [_Call(("HSET", self.keys.models, model.tag, model.version))]
+        if info.run:  # prune finds the run's keyspace here once it is retired
+            calls.append(_Call(("ZADD", self.keys.runs, "NX", now, job.batch_id)))
+        if info.ledger:
+            batch_id = job.batch_id
+            ledger = self.keys.batch(batch_id)
+            dead = (self.keys.batch_dead(batch_id), self.keys.batch_dead_users(batch_id))
+            progress = [job.job_id, len(user_ids), cold, f"{now:.3f}", self.settings.batch_ttl_s]
+            calls += [
+                _Call((job.job_id, len(user_ids)), self._revive, (ledger, *dead)),
+                _Call(
+                    (*progress, "done", *popularity_args(recommended)),
+                    self._progress,
+                    (ledger, self.keys.batch_done(batch_id)),
+                ),
                 # Lets monitoring find recent batches without scanning the keyspace.
-                pipe.zadd(self.keys.batches, {job.batch_id: time.time()})
-                replies = pipe.execute()
+                _Call(("ZADD", self.keys.batches, now, batch_id)),
+            ]
+        groups = BucketGroups.of(user_ids)
+        keys = [self.keys.result_bucket(generation, first) for first in groups.firsts]
+        # No run owns the live keyspace, so prune never deletes it: its hashes expire.
+        expire = self.settings.batch_ttl_s if generation == BASE else None
+        try:
+            if self.packed_writes:
+                replies = self._write_packed(keys, groups, records, expire, calls)
+            else:
+                replies = self._write_pipelined(keys, groups, records, expire, calls)
         except redis.RedisError as exc:
             raise TransientError(f"Redis unavailable: {exc}") from exc
-        return int(replies[-2])
+        return int(replies[-2]) if info.ledger else 0
+
+    def _write_packed(
+        self,
+        keys: list[str],
+        groups: BucketGroups,
+        records: np.ndarray,
+        expire: int | None,
+        calls: list[_Call],
+    ) -> list[Any]:
+        """One write of RESP bytes packed here (``worker.resp``) to a single Redis; returns
+        the replies of ``calls``. Loads the scripts and writes again (the same bytes, the
+        same counts: every step is idempotent) when Redis has forgotten them."""
+        hsets = pack_hsets(keys, groups.ends, groups.fields, records[groups.order])
+        head = [("EXPIRE", key, expire) for key in keys] if expire is not None else []
+        commands = head + [call.command() for call in calls]
+        try:
+            replies = send_packed(self.redis, [hsets], len(keys), commands)
+        except NoScriptError:
+            for call in calls:
+                if call.script is not None:
+                    self.redis.script_load(call.script.script)
+            replies = send_packed(self.redis, [hsets], len(keys), commands)
+        return replies[len(keys) + len(head) :]
+
+    def _write_pipelined(
+        self,
+        keys: list[str],
+        groups: BucketGroups,
+        records: np.ndarray,
+        expire: int | None,
+        calls: list[_Call],
+    ) -> list[Any]:
+        """The same writes through redis-py's pipeline (a Redis Cluster routes each key to
+        its node); returns the replies of ``calls``."""
+        values = split_records(records[groups.order])
+        fields = groups.fields.tolist()
+        with self.redis.pipeline(transaction=False) as pipe:
+            for key, lo, hi in zip(keys, [0, *groups.ends[:-1]], groups.ends, strict=True):
+                pipe.hset(key, mapping=dict(zip(fields[lo:hi], values[lo:hi], strict=True)))
+                if expire is not None:
+                    pipe.expire(key, expire)
+            for call in calls:
+                if call.script is None:
+                    pipe.execute_command(*call.args)
+                else:
+                    call.script(keys=list(call.keys), args=list(call.args), client=pipe)
+            replies = pipe.execute()
+        return replies[len(replies) - len(calls) :]
 
     def _observe(
         self,

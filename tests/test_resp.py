@@ -1,0 +1,128 @@
+"""Results packed as Redis protocol bytes by the worker (worker/resp.py), on real Redis."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import redis
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from redis.connection import Connection
+
+from recfleet.shared.keys import Keys
+from recfleet.shared.ledger import new_batch_fields
+from recfleet.shared.messages import Job, make_jobs
+from recfleet.shared.settings import Settings
+from recfleet.worker.handler import JobHandler
+from recfleet.worker.models import ModelStore
+from recfleet.worker.resp import pack_hsets, send_packed
+
+from .support.settings import purge
+from .test_worker import _snapshot
+
+
+def _groups(sizes: list[int]) -> np.ndarray:
+    return np.cumsum(sizes, dtype=np.int64) if sizes else np.zeros(0, dtype=np.int64)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.text(min_size=1, max_size=40),
+            st.lists(st.integers(0, 2**62), min_size=0, max_size=12),
+        ),
+        max_size=6,
+    ),
+    st.integers(1, 70),
+    st.randoms(use_true_random=False),
+)
+def test_packed_hsets_are_the_bytes_redis_py_sends(
+    commands: list[tuple[str, list[int]]], width: int, rnd: object
+) -> None:
+    keys = [key for key, _ in commands]
+    fields = np.array([f for _, fs in commands for f in fs], dtype=np.int64)
+    values = np.frombuffer(
+        bytes(rnd.getrandbits(8) for _ in range(len(fields) * width)),  # type: ignore[attr-defined]
+        dtype=np.uint8,
+    ).reshape(len(fields), width)
+    packed = pack_hsets(keys, _groups([len(fs) for _, fs in commands]), fields, values)
+    expected: list[list[object]] = []
+    row = 0
+    for key, fs in commands:
+        args: list[object] = ["HSET", key]
+        for f in fs:
+            args += [f, values[row].tobytes()]
+            row += 1
+        expected.append(args)
+    assert packed.tobytes() == b"".join(Connection().pack_commands(expected))
+
+
+def test_packing_refuses_mismatched_shapes() -> None:
+    values = np.zeros((2, 4), dtype=np.uint8)
+    with pytest.raises(ValueError, match="one field and one value row"):
+        pack_hsets(["k"], _groups([2]), np.array([1]), values)
+    with pytest.raises(ValueError, match="ascend"):
+        pack_hsets(["k"], _groups([1]), np.array([1, 2]), values)
+    with pytest.raises(ValueError, match="non-negative"):
+        pack_hsets(["k"], _groups([2]), np.array([1, -2]), values)
+
+
+def test_sent_commands_apply_and_an_error_reply_leaves_the_connection_in_step(
+    redis_client: redis.Redis, settings: Settings
+) -> None:
+    p = settings.redis_prefix
+    values = np.frombuffer(b"aaaabbbbcccc", dtype=np.uint8).reshape(3, 4)
+    hsets = pack_hsets([f"{p}:h1", f"{p}:h2"], _groups([2, 1]), np.array([7, 8, 9]), values)
+    replies = send_packed(redis_client, [hsets], 2, [("SET", f"{p}:s", "x")])
+    assert replies == [2, 1, b"OK"]  # raw replies: no redis-py response callbacks
+    assert redis_client.hgetall(f"{p}:h1") == {b"7": b"aaaa", b"8": b"bbbb"}
+    assert redis_client.hgetall(f"{p}:h2") == {b"9": b"cccc"}
+
+    # An HSET on a string key fails; the commands after it still run, as in a pipeline.
+    wrong = pack_hsets([f"{p}:s"], _groups([1]), np.array([1]), values[:1])
+    with pytest.raises(redis.ResponseError, match="WRONGTYPE"):
+        send_packed(redis_client, [wrong], 1, [("SET", f"{p}:after", "y")])
+    assert redis_client.get(f"{p}:after") == b"y"
+    # Every pooled connection still answers its own commands.
+    for _ in range(3):
+        assert send_packed(redis_client, [], 0, [("GET", f"{p}:after")]) == [b"y"]
+
+
+def _handled(
+    settings: Settings, jobs: list[Job], *, packed: bool, flush_scripts: bool = False
+) -> dict:  # type: ignore[type-arg]
+    client = redis.Redis.from_url(str(settings.redis_url))
+    models = ModelStore(settings.artifacts, k=settings.top_k)
+    handler = JobHandler(settings, models, client, packed_writes=packed)
+    keys = Keys(settings.redis_prefix)
+    client.hset(keys.batch("b1"), mapping=new_batch_fields(len(jobs), 1503, run=True))
+    for job in jobs:
+        if flush_scripts:  # as after a Redis restart: the worker must load them again
+            client.script_flush()
+        handler.handle(job)
+    snapshot = _snapshot(client, settings.redis_prefix)
+    client.close()
+    out = {}
+    for key, value in snapshot.items():  # times of day differ between the two runs
+        if isinstance(value, dict):
+            value = {f: v for f, v in value.items() if not f.endswith(b"_at")}
+        out[key.replace(settings.redis_prefix.encode(), b"P", 1)] = value
+    return out
+
+
+def test_packed_writes_store_what_the_pipeline_stores(fleet_settings: Settings) -> None:
+    runs = {
+        packed: fleet_settings.isolated(f"{fleet_settings.redis_prefix}-{packed}")
+        for packed in (False, True)
+    }
+    jobs = make_jobs("b1", [*range(0, 900), *range(5000, 5600), 10**12, 3, 3], 1000)
+    try:
+        pipelined = _handled(runs[False], jobs, packed=False)
+        packed = _handled(runs[True], jobs, packed=True, flush_scripts=True)
+    finally:
+        for s in runs.values():
+            purge(s)
+    assert packed == pipelined
+    results = [k for k in packed if k.startswith(b"P:r:b1:")]
+    assert len(results) > 2 and sum(len(packed[k]) for k in results) == 1501  # type: ignore[arg-type]
