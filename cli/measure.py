@@ -5,9 +5,12 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pika
+import psutil
+import redis
 
 from recfleet.cli.client import auth_headers, submit, wait
 from recfleet.cli.fleet import LocalFleet
@@ -28,12 +31,13 @@ class FleetRun:
     cold_users: int
     dead_users: int
     batch_ids: list[str]
+    cpu_s: dict[str, float]
 
     @property
     def users_per_s(self) -> float:
         return self.users / self.total_s if self.total_s else 0.0
 
-    def figures(self) -> dict[str, float | int]:
+    def figures(self) -> dict[str, Any]:
         return {
             "processes": self.processes,
             "users": self.users,
@@ -43,6 +47,7 @@ class FleetRun:
             "users_per_s": round(self.users_per_s, 1),
             "cold_users": self.cold_users,
             "dead_users": self.dead_users,
+            "cpu_s": {part: round(seconds, 2) for part, seconds in self.cpu_s.items()},
         }
 
 
@@ -52,17 +57,21 @@ def measure(
     """Start a gateway and ``processes`` workers, submit, wait until all results are in Redis.
 
     The clock starts at the first POST, once every worker is consuming, and stops when the
-    last job's progress is recorded.
+    last job's progress is recorded. ``cpu_s`` is the CPU time each part of the fleet
+    spent from the first POST until every batch was seen done (see ``CpuMeter``).
     """
     with LocalFleet(settings, processes, log_dir) as fleet:
         fleet.wait_workers_consuming()
+        meter = CpuMeter(settings, fleet)
         with httpx.Client(
             base_url=fleet.base_url, timeout=120, headers=auth_headers(settings)
         ) as client:
+            before = meter.read()
             start = time.perf_counter()
             sub = submit(client, user_ids, settings.max_users_per_request, run=True)
             statuses = wait(client, sub.batch_ids, sub.users, show=show)
             total = max(st["last_done_at"] or 0 for st in statuses) - _epoch(start)
+            after = meter.read()
     return FleetRun(
         processes=processes,
         users=sub.users,
@@ -72,7 +81,45 @@ def measure(
         cold_users=sum(st["cold_users"] for st in statuses),
         dead_users=sum(st["users_dead"] for st in statuses),
         batch_ids=sub.batch_ids,
+        cpu_s={part: after[part] - before[part] for part in after if part in before},
     )
+
+
+class CpuMeter:
+    """CPU seconds (user + system) used so far by each part of a local fleet: the gateway,
+    the worker processes, Redis (its own ``INFO cpu``), the broker (a local RabbitMQ's
+    ``beam.smp``, when this host runs one) and this client (submitting and polling)."""
+
+    def __init__(self, settings: Settings, fleet: LocalFleet) -> None:
+        self._redis = redis.Redis.from_url(str(settings.redis_url))
+        self._gateway = [psutil.Process(fleet.api.pid)] if fleet.api else []
+        supervisor = psutil.Process(fleet.workers.pid) if fleet.workers else None
+        self._workers = [supervisor, *supervisor.children(recursive=True)] if supervisor else []
+        self._broker = [p for p in psutil.process_iter(["name"]) if p.info["name"] == "beam.smp"]
+
+    def read(self) -> dict[str, float]:
+        info = self._redis.info("cpu")
+        parts = {
+            "gateway": _cpu(self._gateway),
+            "workers": _cpu(self._workers),
+            "redis": float(info["used_cpu_user"]) + float(info["used_cpu_sys"]),
+            "client": _cpu([psutil.Process()]),
+        }
+        if self._broker:
+            parts["broker"] = _cpu(self._broker)
+        return parts
+
+
+def _cpu(processes: list[psutil.Process]) -> float:
+    """User + system CPU seconds of live processes (children's times not included)."""
+    total = 0.0
+    for p in processes:
+        try:
+            times = p.cpu_times()
+        except psutil.Error:  # exited, or not ours to read
+            continue
+        total += times.user + times.system
+    return total
 
 
 def _epoch(perf_start: float) -> float:

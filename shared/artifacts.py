@@ -173,12 +173,19 @@ def map_tensor(path: Path, layout: dict, name: str) -> np.ndarray:
         raise ArtifactError(f"{path.name}: tensor {name!r} has dtype {dtype_name}, want F32 or F16")
     if len(shape) != 2 or end - begin != int(np.prod(shape)) * np.dtype(dtype).itemsize:
         raise ArtifactError(f"{path.name}: tensor {name!r} size does not match shape {shape}")
-    return np.memmap(path, dtype=dtype, mode="c", offset=begin, shape=tuple(shape))
+    return _plain(np.memmap(path, dtype=dtype, mode="c", offset=begin, shape=tuple(shape)))
+
+
+def _plain(mapped: np.memmap) -> np.ndarray:
+    """A plain ndarray view of a mapped array (the mapping stays open through it): a
+    np.memmap runs Python-level __getitem__ and __array_finalize__ on every indexing,
+    a few microseconds each on a worker's hot path."""
+    return np.asarray(mapped)
 
 
 def load_npy(path: Path, key: str) -> np.ndarray:
     try:
-        arr = np.load(path, mmap_mode="c", allow_pickle=False)
+        arr = _plain(np.load(path, mmap_mode="c", allow_pickle=False))
     except (OSError, ValueError) as exc:
         raise ArtifactError(f"{path.name}: not a readable .npy file ({exc})") from exc
     want = np.dtype(NPY_DTYPES[key])

@@ -296,5 +296,12 @@ def test_bench_command_ends_with_json_and_documents_its_options(tmp_path: Path) 
     assert figures["users_per_s"] > 0 and figures["dtype"] == "float16"
     assert {"old_ranker", "old_ranker_float32"} <= set(figures["baselines"])
     help_text = CliRunner().invoke(bench, ["rank", "--help"]).output
-    for option in ("--artifacts", "--compare", "--dtype", "--repeats", "--json"):
+    for option in ("--artifacts", "--compare", "--dtype", "--order", "--repeats", "--json"):
         assert option in help_text
+    # Without --dtype an artifact table is ranked as stored (what the workers rank).
+    stored = bench_rank.run(artifacts=tmp_path / "art", repeats=1, jobs_per_repeat=2)
+    assert stored["dtype"] == str(make_model(13)["playlist_embeddings"].dtype)
+    consecutive = bench_rank.run(
+        artifacts=tmp_path / "art", repeats=1, jobs_per_repeat=2, order="consecutive"
+    )
+    assert consecutive["order"] == "consecutive" and consecutive["users_per_s"] > 0

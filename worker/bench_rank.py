@@ -131,13 +131,17 @@ def run(
     artifacts: Path | None = None,
     jobs_per_repeat: int = 40,
     compare: bool = False,
-    dtype: str = "float32",
+    dtype: str | None = None,
     seed: int = 0,
+    order: str = "random",
 ) -> dict[str, Any]:
     """Time Ranker.rank (and, with compare, the baselines) and return the figures.
 
     With ``artifacts`` the tables come from that directory (users, playlists, dim and
-    distribution are then ignored; the playlist table is converted to ``dtype``).
+    distribution are then ignored; the playlist table is converted to ``dtype`` when one
+    is given, else ranked as stored; synthetic tables default to float32). ``order``
+    makes each job ``random`` users or a ``consecutive`` run of user rows (what a fleet
+    ranks when users are submitted in id order, as ``submit --all`` does).
     Sets torch's thread count for the run and restores it.
     Raises shared.errors.ArtifactError for an unreadable artifact directory.
     """
@@ -156,16 +160,20 @@ def run(
             )
         }
         stored = model["playlist_embeddings"]
-        if stored.dtype != np.dtype(dtype):
+        if dtype is not None and stored.dtype != np.dtype(dtype):
             model["playlist_embeddings"] = stored.astype(dtype)
         source = str(artifacts)
     else:
-        model = synthetic_model(users, playlists, dim, distribution, dtype, seed)
+        model = synthetic_model(users, playlists, dim, distribution, dtype or "float32", seed)
         source = f"synthetic {distribution}"
     n_users, n_playlists = (len(model["user_embeddings"]), len(model["playlist_embeddings"]))
     _touch(list(model.values()))
     rng = np.random.default_rng(seed + 1)
-    jobs = [rng.integers(0, n_users, size=job_size) for _ in range(jobs_per_repeat)]
+    if order == "consecutive":
+        starts = rng.integers(0, max(1, n_users - job_size), size=jobs_per_repeat)
+        jobs = [np.arange(start, min(n_users, start + job_size)) for start in starts]
+    else:
+        jobs = [rng.integers(0, n_users, size=job_size) for _ in range(jobs_per_repeat)]
     ranker = Ranker(**model, k=k, check=False)
     contenders: dict[str, tuple[Callable[[np.ndarray], Any], Sequence[np.ndarray]]] = {
         "ranker": (ranker.rank, jobs)
@@ -200,6 +208,7 @@ def run(
         "dtype": str(model["playlist_embeddings"].dtype),
         "k": k,
         "job_size": job_size,
+        "order": order,
         "jobs_per_repeat": jobs_per_repeat,
         "repeats": repeats,
         "threads": threads,
@@ -218,7 +227,8 @@ def table(result: dict[str, Any]) -> str:
     lines = [
         f"{result['source']}: {result['users']:,} users, {result['playlists']:,} playlists, "
         f"dim {result['dim']} {result['dtype']}, {result['mean_candidates']:.1f} candidates/user, "
-        f"top {result['k']}, jobs of {result['job_size']}, {result['threads']} thread(s), "
+        f"top {result['k']}, jobs of {result['job_size']} {result['order']} users, "
+        f"{result['threads']} thread(s), "
         f"{result['repeats']} repeats",
         f"{'':16}{'users/s':>12}{'min':>12}{'max':>12}{'ms/1k p50':>11}{'ms/1k p99':>11}",
     ]
