@@ -83,3 +83,19 @@ def test_worker_refuses_corrupt_artifacts_with_a_clear_message(
     )
     assert proc.returncode != 0
     assert "candidates_indices.npy: checksum mismatch" in proc.stderr
+
+
+def test_fleet_benchmark_run_counts_every_user_and_the_cpu_of_each_part(
+    fleet_settings: Settings, tmp_path: Path
+) -> None:
+    from recfleet.cli.measure import measure
+
+    run = measure(fleet_settings, list(range(3000)), 1, tmp_path, show=False)
+    figures = run.figures()
+    assert (run.users, run.jobs, run.dead_users) == (3000, 3, 0)
+    assert figures["users_per_s"] > 0 and figures["total_s"] >= figures["submit_s"] > 0
+    cpu = figures["cpu_s"]
+    parts = {"gateway", "workers", "redis", "client"}
+    assert parts <= set(cpu) and set(cpu) - parts <= {"broker"}  # broker: a local RabbitMQ
+    assert all(seconds >= 0 for seconds in cpu.values())
+    assert cpu["workers"] > 0 and cpu["gateway"] > 0  # they ranked and answered
