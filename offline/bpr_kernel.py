@@ -23,11 +23,19 @@ and contraction allowed (``fastmath`` with ``reassoc`` and ``contract`` only), s
 may differ from an unfused, left-to-right float32 evaluation in the last bits.
 
 Two parallel regions per minibatch of 2048 cost tens of microseconds against the
-milliseconds of random row reads and writes in them. The loops release the GIL.
+milliseconds of random row reads and writes in them, provided every thread gets a core
+when a region starts. Threads that wait for work spinning (OpenMP's default) are the
+fastest on an idle machine, but when another process holds a core a barrier waits out
+scheduler slices: two threads then ran 2-10x slower than one on a shared 2-core machine.
+Numba's threads are therefore started waiting asleep (``_start_threads``): about 10 %
+slower than spinning when idle, and no slower than one thread when a core is taken.
+The loops release the GIL.
 """
 
 from __future__ import annotations
 
+import functools
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -117,6 +125,24 @@ def _epoch(
     return total
 
 
+@functools.cache
+def _start_threads() -> None:
+    """Start numba's thread pool with ``OMP_WAIT_POLICY=passive`` unless it is set.
+
+    OpenMP reads the variable once, when numba loads it to start its threads (its copy is
+    not torch's or scikit-learn's), so it is set for that moment only. A pool started
+    earlier, or another threading layer, is left as it is.
+    """
+    if "OMP_WAIT_POLICY" in os.environ:
+        numba.get_num_threads()
+        return
+    os.environ["OMP_WAIT_POLICY"] = "passive"
+    try:
+        numba.get_num_threads()
+    finally:
+        del os.environ["OMP_WAIT_POLICY"]
+
+
 def train_epoch(
     user_emb: np.ndarray,
     playlist_emb: np.ndarray,
@@ -134,6 +160,7 @@ def train_epoch(
     on ``threads``; numba runs at most ``NUMBA_NUM_THREADS`` of them (the core count).
     """
     users, pos, neg = triplets
+    _start_threads()
     most = numba.config.NUMBA_NUM_THREADS  # type: ignore[attr-defined]  # set at import
     before = numba.get_num_threads()
     numba.set_num_threads(max(1, min(threads, most)))
