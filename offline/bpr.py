@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import math
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -137,18 +138,23 @@ def train_bpr(
         if config.epochs is not None
         else auto_epochs(len(data.users), data.n_playlists, config)
     )
-    ws = bpr_kernel.Workspace(config.batch_size, config.dim)
+    trainer = bpr_kernel.Trainer(config.batch_size, config.dim, threads)
     loss = float("nan")
-    for epoch in range(epochs):
-        # Linear decay of the step size to a tenth of it.
-        lr = config.lr * (1.0 - 0.9 * epoch / max(1, epochs))
-        users, pos, neg = _epoch_triplets(data, config, gen)
-        triplets = (users.numpy(), pos.numpy(), neg.numpy())
-        loss_sum = bpr_kernel.train_epoch(
-            user_emb, playlist_emb, triplets, lr, config.reg, threads, ws
-        )
-        loss = loss_sum / max(1, len(users))
-        logger.debug("bpr: epoch %d/%d loss %.4f", epoch + 1, epochs, loss)
+    # The next epoch's triplets are drawn on another thread while this one trains: they
+    # depend on the generator alone, which draws them in the same order as ever.
+    with ThreadPoolExecutor(max_workers=1) as ahead:
+        drawn = [ahead.submit(_epoch_triplets, data, config, gen)] if epochs else []
+        for epoch in range(epochs):
+            users, pos, neg = drawn.pop().result()
+            if epoch + 1 < epochs:
+                drawn.append(ahead.submit(_epoch_triplets, data, config, gen))
+            # Linear decay of the step size to a tenth of it.
+            lr = config.lr * (1.0 - 0.9 * epoch / max(1, epochs))
+            triplets = (users.numpy(), pos.numpy(), neg.numpy())
+            loss = trainer.epoch(user_emb, playlist_emb, triplets, lr, config.reg) / max(
+                1, len(users)
+            )
+            logger.debug("bpr: epoch %d/%d loss %.4f", epoch + 1, epochs, loss)
     samples = epochs * (len(data.users) + len(data.triplets))
     stats = {"epochs": epochs, "final_loss": round(loss, 5), "samples": samples}
     return user_emb, playlist_emb, stats

@@ -8,7 +8,9 @@ updates of the minibatch are then added to the tables. It runs in two parallel p
 1. Gather (``prange`` over triplets): copy the triplet's user, liked and other rows into
    the workspace, compute ``x = u·(p-n)``, the step ``lr·sigmoid(-x)`` (the gradient of
    ``-log sigmoid(x)`` with the step size folded in) and the loss ``softplus(-x)``. Each
-   triplet is one thread's alone, and the tables are only read.
+   triplet is one thread's alone, and the tables are only read. The rows are random
+   reads from tables far larger than the caches: the rows of the triplet ``_AHEAD``
+   places ahead are prefetched, so several are in flight from memory at once.
 2. Scatter (``prange`` over ``slots`` owners): owner ``t`` adds the updates to the rows
    whose index is ``t`` modulo ``slots``: the user rows in minibatch order, then the
    liked rows, then the other rows, from the pre-minibatch copies. No two threads write
@@ -23,67 +25,38 @@ and contraction allowed (``fastmath`` with ``reassoc`` and ``contract`` only), s
 may differ from an unfused, left-to-right float32 evaluation in the last bits.
 
 Two parallel regions per minibatch of 2048 cost tens of microseconds against the
-milliseconds of random row reads and writes in them, provided every thread gets a core
-when a region starts. Threads that wait for work spinning (OpenMP's default) are the
-fastest on an idle machine, but when another process holds a core a barrier waits out
-scheduler slices: two threads then ran 2-10x slower than one on a shared 2-core machine.
-Numba's threads are therefore started waiting asleep (``_start_threads``): about 10 %
-slower than spinning when idle, and no slower than one thread when a core is taken.
-The loops release the GIL.
+milliseconds of row reads and writes in them, provided every thread gets a core when a
+region starts. Threads that wait for work spinning (OpenMP's default) are the fastest on
+an idle machine, but when another process holds a core each region waits out scheduler
+slices: two threads then ran 2-10x slower than one on a shared 2-core machine. Numba's
+threads are therefore started waiting asleep (``_start_threads``), and since the result
+does not depend on the thread count, ``Trainer`` runs each segment of ``SEGMENT``
+minibatches on one thread or on all it is given, whichever ran faster when last timed
+(``ThreadChoice``): the thread count a busy machine can use, found while training.
 """
 
 from __future__ import annotations
 
 import functools
 import os
-from dataclasses import dataclass, field
-from typing import Any
+import time
 
 import numba
 import numpy as np
 
+from recfleet.worker.topk_kernel import prefetch
+
 _FASTMATH = {"reassoc", "contract"}
-
-
-@dataclass
-class Workspace:
-    """Per-minibatch buffers, allocated once per training run."""
-
-    batch_size: int
-    dim: int
-    user: np.ndarray = field(init=False)
-    pos: np.ndarray = field(init=False)
-    neg: np.ndarray = field(init=False)
-    step: np.ndarray = field(init=False)
-    loss: np.ndarray = field(init=False)
-
-    def __post_init__(self) -> None:
-        shape = (self.batch_size, self.dim)
-        self.user = np.empty(shape, np.float32)
-        self.pos = np.empty(shape, np.float32)
-        self.neg = np.empty(shape, np.float32)
-        self.step = np.empty(self.batch_size, np.float32)
-        self.loss = np.empty(self.batch_size, np.float64)
+_AHEAD = 8  # triplets ahead whose rows are prefetched
+SEGMENT = 64  # minibatches per kernel call, each on one thread count
+PROBE_EVERY = 16  # segments between two timings of the thread count not in use
 
 
 @numba.njit(cache=True, nogil=True, parallel=True, fastmath=_FASTMATH, boundscheck=False)
-def _epoch(
-    user_emb: Any,
-    playlist_emb: Any,
-    users: Any,
-    pos: Any,
-    neg: Any,
-    lr: float,
-    reg: float,
-    slots: int,
-    u: Any,
-    p: Any,
-    n: Any,
-    step: Any,
-    loss: Any,
-) -> float:
+def _epoch(user_emb, playlist_emb, users, pos, neg, lr, reg, slots, u, p, n, step, loss):
     dim = user_emb.shape[1]
     batch_size = u.shape[0]
+    line = 64 // user_emb.itemsize  # elements per cache line
     rate = np.float32(lr)
     decay = np.float32(-lr * reg)
     one = np.float32(1.0)
@@ -91,6 +64,12 @@ def _epoch(
     for begin in range(0, len(users), batch_size):
         size = min(batch_size, len(users) - begin)
         for i in numba.prange(size):
+            if i + _AHEAD < size:
+                ahead = begin + i + _AHEAD
+                for j in range(0, dim, line):
+                    prefetch(user_emb, users[ahead], j)
+                    prefetch(playlist_emb, pos[ahead], j)
+                    prefetch(playlist_emb, neg[ahead], j)
             row_u, row_p, row_n = users[begin + i], pos[begin + i], neg[begin + i]
             x = np.float32(0.0)
             for j in range(dim):
@@ -143,44 +122,112 @@ def _start_threads() -> None:
         del os.environ["OMP_WAIT_POLICY"]
 
 
-def train_epoch(
-    user_emb: np.ndarray,
-    playlist_emb: np.ndarray,
-    triplets: tuple[np.ndarray, np.ndarray, np.ndarray],
-    lr: float,
-    reg: float,
-    threads: int,
-    ws: Workspace,
-) -> float:
-    """One pass of minibatch steps over ``triplets``, in place; returns the summed loss.
+class ThreadChoice:
+    """One thread or all ``threads``, segment by segment, by the speed last timed with each.
 
-    user_emb / playlist_emb: float32 [U, d] / [P, d], C-contiguous, written in place;
-    triplets: int64 [n] user, liked and other rows, in training order, minibatches of
-    ``ws.batch_size``. Arguments are trusted (no range checks). The result does not depend
-    on ``threads``; numba runs at most ``NUMBA_NUM_THREADS`` of them (the core count).
+    Each count is tried once, then the faster one runs, and every ``PROBE_EVERY``-th
+    segment the other runs once more, so a change of load is noticed. Ties go to more
+    threads.
     """
-    users, pos, neg = triplets
-    _start_threads()
-    most = numba.config.NUMBA_NUM_THREADS  # type: ignore[attr-defined]  # set at import
-    before = numba.get_num_threads()
-    numba.set_num_threads(max(1, min(threads, most)))
-    try:
-        return float(
-            _epoch(
-                user_emb,
-                playlist_emb,
-                users,
-                pos,
-                neg,
-                lr,
-                reg,
-                max(1, threads),
-                ws.user,
-                ws.pos,
-                ws.neg,
-                ws.step,
-                ws.loss,
+
+    def __init__(self, threads: int) -> None:
+        self.counts = (threads, 1) if threads > 1 else (1,)
+        self.seconds_per_triplet: dict[int, float] = {}
+        self.segments = 0
+
+    def next(self) -> int:
+        """The thread count for the next segment."""
+        for count in self.counts:
+            if count not in self.seconds_per_triplet:
+                return count
+        ranked = sorted(self.counts, key=self.seconds_per_triplet.__getitem__)
+        return ranked[-1] if self.segments % PROBE_EVERY == 0 else ranked[0]
+
+    def record(self, threads: int, seconds: float, triplets: int) -> None:
+        """Note how long a segment of ``triplets`` took on ``threads`` threads."""
+        self.seconds_per_triplet[threads] = seconds / max(1, triplets)
+        self.segments += 1
+
+
+class Trainer:
+    """Epochs of minibatch steps on ``threads`` threads at most; buffers allocated once.
+
+    Raises ValueError for a batch size, dimension or thread count below 1.
+    """
+
+    def __init__(self, batch_size: int, dim: int, threads: int) -> None:
+        if batch_size < 1 or dim < 1 or threads < 1:
+            raise ValueError(
+                f"need batch_size, dim, threads ≥ 1; got {batch_size}, {dim}, {threads}"
             )
-        )
-    finally:
-        numba.set_num_threads(before)
+        self.batch_size = batch_size
+        self.threads = threads
+        self.choice = ThreadChoice(min(threads, numba.config.NUMBA_NUM_THREADS))  # type: ignore[attr-defined]  # set at import
+        shape = (batch_size, dim)
+        self._user = np.empty(shape, np.float32)
+        self._pos = np.empty(shape, np.float32)
+        self._neg = np.empty(shape, np.float32)
+        self._step = np.empty(batch_size, np.float32)
+        self._loss = np.empty(batch_size, np.float64)
+        _start_threads()
+        # Load the compiled code now, so that its seconds are not timed as a segment's.
+        empty = np.zeros((0, dim), np.float32)
+        self.steps(empty, empty, (np.zeros(0, np.int64),) * 3, 0.0, 0.0, 1)
+
+    def steps(
+        self,
+        user_emb: np.ndarray,
+        playlist_emb: np.ndarray,
+        triplets: tuple[np.ndarray, ...],
+        lr: float,
+        reg: float,
+        threads: int,
+    ) -> float:
+        """Minibatch steps over ``triplets`` on ``threads`` threads (at most the cores
+        numba has); returns the summed loss. Arguments as for ``epoch``."""
+        before = numba.get_num_threads()
+        numba.set_num_threads(threads)
+        try:
+            return float(
+                _epoch(
+                    user_emb,
+                    playlist_emb,
+                    triplets[0],
+                    triplets[1],
+                    triplets[2],
+                    lr,
+                    reg,
+                    self.threads,
+                    self._user,
+                    self._pos,
+                    self._neg,
+                    self._step,
+                    self._loss,
+                )
+            )
+        finally:
+            numba.set_num_threads(before)
+
+    def epoch(
+        self,
+        user_emb: np.ndarray,
+        playlist_emb: np.ndarray,
+        triplets: tuple[np.ndarray, np.ndarray, np.ndarray],
+        lr: float,
+        reg: float,
+    ) -> float:
+        """One pass of minibatch steps over ``triplets``, in place; returns the summed loss.
+
+        user_emb / playlist_emb: float32 [U, d] / [P, d], C-contiguous, written in place;
+        triplets: int64 [n] user, liked and other rows, in training order. Arguments are
+        trusted (no range checks). The result does not depend on the thread counts used.
+        """
+        total = 0.0
+        size = SEGMENT * self.batch_size
+        for begin in range(0, len(triplets[0]), size):
+            segment = tuple(column[begin : begin + size] for column in triplets)
+            threads = self.choice.next()
+            start = time.perf_counter()
+            total += self.steps(user_emb, playlist_emb, segment, lr, reg, threads)
+            self.choice.record(threads, time.perf_counter() - start, len(segment[0]))
+        return total

@@ -37,8 +37,8 @@ def test_one_minibatch_is_the_reference_step() -> None:
     want_users, want_playlists = users.copy(), playlists.copy()
     want_loss = _reference_step(want_users, want_playlists, triplets, lr=0.5, reg=0.01)
     got_users, got_playlists = users.copy(), playlists.copy()
-    ws = bpr_kernel.Workspace(batch_size=512, dim=128)
-    loss = bpr_kernel.train_epoch(got_users, got_playlists, triplets, 0.5, 0.01, 2, ws)
+    trainer = bpr_kernel.Trainer(batch_size=512, dim=128, threads=2)
+    loss = trainer.steps(got_users, got_playlists, triplets, 0.5, 0.01, threads=2)
     assert np.abs(want_playlists - playlists).max(axis=1).min() > 1e-3  # every row moved
     # The kernel sums the 128-term dot product in another order and fuses multiply-adds,
     # so each of the ~30 additions a playlist row gets here may round differently, by an
@@ -58,11 +58,43 @@ def test_minibatches_see_the_previous_updates() -> None:
     for begin in range(0, 250, 64):  # the last minibatch is short
         batch = tuple(column[begin : begin + 64] for column in triplets)
         want_loss += _reference_step(want_users, want_playlists, batch, lr=0.5, reg=0.01)
-    ws = bpr_kernel.Workspace(batch_size=64, dim=16)
-    loss = bpr_kernel.train_epoch(users, playlists, triplets, 0.5, 0.01, 1, ws)
+    trainer = bpr_kernel.Trainer(batch_size=64, dim=16, threads=1)
+    loss = trainer.epoch(users, playlists, triplets, 0.5, 0.01)
     np.testing.assert_allclose(users, want_users, rtol=0, atol=1e-6)
     np.testing.assert_allclose(playlists, want_playlists, rtol=0, atol=1e-6)
     assert loss == pytest.approx(want_loss, rel=1e-6)
+
+
+def test_kernel_gives_the_same_bits_on_one_and_on_two_threads() -> None:
+    rng = np.random.default_rng(3)
+    users = rng.normal(0.0, 0.1, (500, 32)).astype(np.float32)
+    playlists = rng.normal(0.0, 0.1, (200, 32)).astype(np.float32)
+    triplets = (rng.integers(0, 500, 5000), rng.integers(0, 200, 5000), rng.integers(0, 200, 5000))
+    results = []
+    for threads in (1, 2):
+        got_users, got_playlists = users.copy(), playlists.copy()
+        trainer = bpr_kernel.Trainer(batch_size=256, dim=32, threads=2)
+        loss = trainer.steps(got_users, got_playlists, triplets, 0.5, 0.01, threads=threads)
+        results.append((got_users, got_playlists, loss))
+    assert np.array_equal(results[0][0], results[1][0])
+    assert np.array_equal(results[0][1], results[1][1])
+    assert results[0][2] == results[1][2]
+
+
+def test_thread_choice_keeps_the_faster_count_and_probes_the_other() -> None:
+    choice = bpr_kernel.ThreadChoice(threads=2)
+    assert choice.next() == 2
+    choice.record(2, seconds=3.0, triplets=1000)  # slower: a busy machine
+    assert choice.next() == 1
+    choice.record(1, seconds=2.0, triplets=1000)
+    picked = []
+    for _ in range(2 * bpr_kernel.PROBE_EVERY):
+        picked.append(choice.next())
+        choice.record(picked[-1], seconds=2.0 if picked[-1] == 1 else 3.0, triplets=1000)
+    assert picked.count(2) == 2  # probed once per PROBE_EVERY segments
+    choice.record(2, seconds=1.0, triplets=1000)  # the machine is free again
+    assert choice.next() == 2
+    assert bpr_kernel.ThreadChoice(threads=1).counts == (1,)
 
 
 def _data(n_users: int, n_playlists: int, seed: int) -> TrainingData:
