@@ -26,24 +26,21 @@ may differ from an unfused, left-to-right float32 evaluation in the last bits.
 
 Two parallel regions per minibatch of 2048 cost tens of microseconds against the
 milliseconds of row reads and writes in them, provided every thread gets a core when a
-region starts. Threads that wait for work spinning (OpenMP's default) are the fastest on
-an idle machine, but when another process holds a core each region waits out scheduler
-slices: two threads then ran 2-10x slower than one on a shared 2-core machine. Numba's
-threads are therefore started waiting asleep (``_start_threads``), and since the result
-does not depend on the thread count, ``Trainer`` runs each segment of ``SEGMENT``
+region starts; on a machine whose other cores are busy, one thread is faster. Since the
+result does not depend on the thread count, ``Trainer`` runs each segment of ``SEGMENT``
 minibatches on one thread or on all it is given, whichever ran faster when last timed
 (``ThreadChoice``): the thread count a busy machine can use, found while training.
+Numba's threads wait for work asleep (``offline.numba_threads``).
 """
 
 from __future__ import annotations
 
-import functools
-import os
 import time
 
 import numba
 import numpy as np
 
+from recfleet.offline import numba_threads
 from recfleet.worker.topk_kernel import prefetch
 
 _FASTMATH = {"reassoc", "contract"}
@@ -104,24 +101,6 @@ def _epoch(user_emb, playlist_emb, users, pos, neg, lr, reg, slots, u, p, n, ste
     return total
 
 
-@functools.cache
-def _start_threads() -> None:
-    """Start numba's thread pool with ``OMP_WAIT_POLICY=passive`` unless it is set.
-
-    OpenMP reads the variable once, when numba loads it to start its threads (its copy is
-    not torch's or scikit-learn's), so it is set for that moment only. A pool started
-    earlier, or another threading layer, is left as it is.
-    """
-    if "OMP_WAIT_POLICY" in os.environ:
-        numba.get_num_threads()
-        return
-    os.environ["OMP_WAIT_POLICY"] = "passive"
-    try:
-        numba.get_num_threads()
-    finally:
-        del os.environ["OMP_WAIT_POLICY"]
-
-
 class ThreadChoice:
     """One thread or all ``threads``, segment by segment, by the speed last timed with each.
 
@@ -162,14 +141,13 @@ class Trainer:
             )
         self.batch_size = batch_size
         self.threads = threads
-        self.choice = ThreadChoice(min(threads, numba.config.NUMBA_NUM_THREADS))  # type: ignore[attr-defined]  # set at import
+        self.choice = ThreadChoice(min(threads, numba_threads.most()))
         shape = (batch_size, dim)
         self._user = np.empty(shape, np.float32)
         self._pos = np.empty(shape, np.float32)
         self._neg = np.empty(shape, np.float32)
         self._step = np.empty(batch_size, np.float32)
         self._loss = np.empty(batch_size, np.float64)
-        _start_threads()
         # Load the compiled code now, so that its seconds are not timed as a segment's.
         empty = np.zeros((0, dim), np.float32)
         self.steps(empty, empty, (np.zeros(0, np.int64),) * 3, 0.0, 0.0, 1)
@@ -185,9 +163,7 @@ class Trainer:
     ) -> float:
         """Minibatch steps over ``triplets`` on ``threads`` threads (at most the cores
         numba has); returns the summed loss. Arguments as for ``epoch``."""
-        before = numba.get_num_threads()
-        numba.set_num_threads(threads)
-        try:
+        with numba_threads.using(threads):
             return float(
                 _epoch(
                     user_emb,
@@ -205,8 +181,6 @@ class Trainer:
                     self._loss,
                 )
             )
-        finally:
-            numba.set_num_threads(before)
 
     def epoch(
         self,

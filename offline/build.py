@@ -276,8 +276,9 @@ def _build_into(
     with clock.stage("synthetic"):
         truth, split, n_interactions = _synthetic_split(n_users, n_playlists, seed, synth_cfg)
         popularity = np.bincount(split.train.indices, minlength=n_playlists)
-    # The SVD and the kNN stay on one thread: on the shared 2-core machine two threads
-    # made the kNN 5x and the SVD 3x slower (many small ops, a thread team each).
+    # torch and BLAS stay on one thread here: on the shared 2-core machine two threads
+    # inside each op made the kNN 5x and the SVD 3x slower (many small ops, a thread team
+    # each). The kNN's cells and the candidate blocks run on ``threads`` threads instead.
     with clock.stage("pairing"), _math_threads(1):
         indptr, indices, pair_timings = pair_users(split.train, popularity, seed, pair_cfg, threads)
     for name, seconds in pair_timings.items():
@@ -337,8 +338,8 @@ def build_artifacts(
 ) -> dict[str, Any]:
     """Build a complete, verified artifact directory at ``out`` and return its manifest.
 
-    ``threads`` (default: every core) is how many threads BPR and the candidate, tuning
-    and evaluation stages use (the SVD and kNN run on one, see ``_build_into``); the
+    ``threads`` (default: every core) is how many threads the kNN, candidate, BPR,
+    tuning and evaluation stages use (the SVD runs on one, see ``_build_into``); the
     result is deterministic for a seed and the same whatever the thread count.
     ``listener`` is told when each stage starts and ends (for a progress display).
 
