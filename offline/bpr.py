@@ -5,7 +5,7 @@ raises ``u·p - u·n`` through log-sigmoid. The gradients are written out by han
 added to the touched rows only: no autograd graph, no optimizer state. The steps run in
 a compiled loop (``offline.bpr_kernel``) on as many threads as the build is given, with
 the same embeddings for any count; negatives are drawn with torch's seeded generator,
-one epoch at a time.
+one epoch at a time, the next while the current one trains.
 
 Negatives are a mix: a quarter from the user's own candidate list (the list the fleet
 ranks, so the order within it is learnt), a quarter by popularity (the playlist of a random
