@@ -22,7 +22,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -160,20 +160,6 @@ def _train(
     return train_bpr(data, config, seed, threads)
 
 
-Embeddings = tuple[np.ndarray, np.ndarray]
-
-
-@dataclass(frozen=True)
-class _Fitted:
-    """The chosen model with and without the prior, the default L2 weight's model with its
-    own prior (None when it is the chosen one), and the manifest's record of the choices."""
-
-    final: Embeddings
-    without_prior: Embeddings
-    default_reg: Embeddings | None
-    record: dict[str, Any]
-
-
 def _fit(
     clock: _Stopwatch,
     split: evaluate.Split,
@@ -182,80 +168,49 @@ def _fit(
     config: BPRConfig,
     seed: int,
     threads: int,
-) -> _Fitted:
-    """BPR per L2 weight on the training split minus a validation split; then β per model
-    and the weight chosen on validation (``tuning``). ``config.reg`` is the default weight.
+) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray], dict[str, Any]]:
+    """BPR on the training split minus a validation split, then β chosen on validation.
+
+    Returns the embeddings with the prior dimension (when β > 0), the embeddings without
+    it, and the manifest's record of the training and of the choice.
     """
     carved = tuning.carve_validation(split, seed)
     # The SGD steps run on ``threads`` threads in the compiled kernel; torch, which only
     # draws the negatives here, stays on one (its small ops do not pay for a thread team).
     with clock.stage("bpr"), _math_threads(1):
-        models = {
-            reg: _train(
-                carved.train, candidates, feedback.triplets, replace(config, reg=reg), seed, threads
-            )
-            for reg in tuning.regs(config.reg)
-        }
+        user_emb, playlist_emb, stats = _train(
+            carved.train, candidates, feedback.triplets, config, seed, threads
+        )
     with clock.stage("tune"):
         seen = np.bincount(carved.train.indices, minlength=carved.train.shape[1])
-        priors = {
-            reg: tuning.choose_beta(users, playlists, seen, candidates, carved.heldout, seed)
-            for reg, (users, playlists, _) in models.items()
-        }
-        reg_choice = tuning.choose_reg(priors)
+        choice = tuning.choose_beta(user_emb, playlist_emb, seen, candidates, carved.heldout, seed)
     popularity = np.bincount(split.train.indices, minlength=split.train.shape[1])
-    user_emb, playlist_emb, stats = models[reg_choice.reg]
-    prior = priors[reg_choice.reg]
-    default_reg = None
-    if reg_choice.reg != config.reg:
-        default = models[config.reg]
-        default_reg = tuning.with_prior(default[0], default[1], popularity, priors[config.reg].beta)
-    record = {
-        "training": stats,
-        "regularisation": {
-            "default": config.reg,
-            "chosen": reg_choice.reg,
-            "validation": reg_choice.validation,
-        },
-        "prior": {"beta": prior.beta, "validation": prior.validation},
-    }
-    return _Fitted(
-        final=tuning.with_prior(user_emb, playlist_emb, popularity, prior.beta),
-        without_prior=(user_emb, playlist_emb),
-        default_reg=default_reg,
-        record=record,
-    )
+    final = tuning.with_prior(user_emb, playlist_emb, popularity, choice.beta)
+    record = {"training": stats, "prior": {"beta": choice.beta, "validation": choice.validation}}
+    return final, (user_emb, playlist_emb), record
 
 
 def _evaluate(
     split: evaluate.Split,
     candidates: tuple[np.ndarray, np.ndarray],
     truth: SyntheticTruth,
-    fitted: _Fitted,
+    embeddings: tuple[np.ndarray, np.ndarray],
+    without_prior: tuple[np.ndarray, np.ndarray],
     seed: int,
 ) -> tuple[dict[str, Any], bool]:
-    """Held-out metrics and the dtype call.
-
-    Metrics of the final model, of it without the prior, with the float16 table, and of
-    the default L2 weight's model with its prior ("bpr_default_reg", the same as "bpr"
-    when that weight was chosen), beside popularity and the oracle.
-    """
+    """Held-out metrics (final model, without the prior, float16 table) and the dtype call."""
     popularity = np.bincount(split.train.indices, minlength=split.train.shape[1])
-    embeddings = fitted.final
     half = embeddings[1].astype(np.float16)
     scorers = {
         "bpr": evaluate.bpr_scorer(*embeddings),
         "bpr_float16": evaluate.bpr_scorer(embeddings[0], half),
-        "bpr_without_prior": evaluate.bpr_scorer(*fitted.without_prior),
+        "bpr_without_prior": evaluate.bpr_scorer(*without_prior),
         "popularity": evaluate.popularity_scorer(popularity),
         "oracle": evaluate.truth_scorer(truth),
     }
-    if fitted.default_reg is not None:
-        scorers["bpr_default_reg"] = evaluate.bpr_scorer(*fitted.default_reg)
     metrics = evaluate.evaluate_models(
         scorers, *candidates, split.heldout, max_users=MAX_EVAL_USERS, seed=seed
     )
-    metrics.setdefault("bpr_default_reg", metrics["bpr"])
     keep_half = tuning.float16_keeps_quality(metrics["bpr"], metrics["bpr_float16"])  # type: ignore[arg-type]
     return metrics, keep_half
 
@@ -284,10 +239,13 @@ def _build_into(
     for name, seconds in pair_timings.items():
         clock.add(name, seconds)
     candidates = (indptr, indices)
-    fitted = _fit(clock, split, candidates, feedback, bpr_cfg, seed, threads)
-    user_emb, playlist_emb = fitted.final
+    (user_emb, playlist_emb), without_prior, record = _fit(
+        clock, split, candidates, feedback, bpr_cfg, seed, threads
+    )
     with clock.stage("evaluate"):
-        metrics, keep_half = _evaluate(split, candidates, truth, fitted, seed)
+        metrics, keep_half = _evaluate(
+            split, candidates, truth, (user_emb, playlist_emb), without_prior, seed
+        )
     logger.info("metrics: %s", json.dumps(metrics))
     table = playlist_emb.astype(np.float16) if keep_half else playlist_emb
     with clock.stage("write"):
@@ -299,7 +257,6 @@ def _build_into(
         "pairing": asdict(pair_cfg),
         "bpr": asdict(bpr_cfg),
         "prior": {"betas": list(tuning.BETAS), "validation_users": tuning.VALIDATION_USERS},
-        "regularisation": {"grid": list(tuning.regs(bpr_cfg.reg))},
         "feedback": {"triplets": len(feedback.triplets), "sha256": feedback.sha256},
     }
     sizes = {"n_users": n_users, "n_playlists": n_playlists, "dim": int(user_emb.shape[1])}
@@ -311,7 +268,7 @@ def _build_into(
         "n_interactions": n_interactions,
         "params": params,
         "threads": threads,  # not a parameter: the artifacts are the same for any count
-        **fitted.record,
+        **record,
         "playlist_dtype": {
             "dtype": str(table.dtype),
             "float16_tolerance": tuning.FLOAT16_TOLERANCE,

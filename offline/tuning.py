@@ -1,5 +1,4 @@
-"""Choices made on data, not by hand: the L2 weight, the popularity prior's weight and the
-table dtype.
+"""Choices made on data, not by hand: the popularity prior's weight and the table dtype.
 
 Popularity prior: a score ``u·p + β·log1p(popularity)`` ranks popular playlists a little
 higher. It is folded into the embeddings as one extra dimension (playlist side
@@ -7,12 +6,6 @@ higher. It is folded into the embeddings as one extra dimension (playlist side
 validation split carved from the training data (one more interaction per user held out
 of the model's training matrix), never on the held-out evaluation split; the grid and
 every validation result go into the manifest.
-
-L2 weight (BPR's ``reg``): one model is trained per weight of ``REGS`` on the same carved
-training matrix, each gets its own β, and the weight whose model (with its β) ranks the
-validation playlists best is kept. The grid, every weight's β and validation metrics,
-and the held-out metrics of the default weight's model beside the chosen one's go into
-the manifest.
 
 Float16 playlist table: it halves the bytes the workers read per candidate. It is kept
 only when the held-out metrics do not drop by more than ``FLOAT16_TOLERANCE`` (rounding
@@ -32,7 +25,6 @@ from recfleet.offline import evaluate
 logger = logging.getLogger("offline")
 
 BETAS = (0.0, 0.04, 0.08, 0.12, 0.16, 0.2, 0.3, 0.4, 0.6)  # 0.3 was best at 200k users
-REGS = (0.01, 0.001)  # L2 weights tried (besides BPRConfig's default, 0.01)
 VALIDATION_USERS = 50_000
 FLOAT16_TOLERANCE = 5e-4
 
@@ -128,37 +120,6 @@ def choose_beta(
     best = max(betas, key=lambda b: (results[f"{b:g}"]["hit@10"], results[f"{b:g}"]["mrr"], -b))
     logger.info("popularity prior: beta %.2f on validation %s", best, results[f"{best:g}"])
     return PriorChoice(beta=best, validation=results)
-
-
-def regs(default: float) -> tuple[float, ...]:
-    """The L2 weights to train with: ``default`` first, then the others of ``REGS``."""
-    return (default, *(reg for reg in REGS if reg != default))
-
-
-@dataclass(frozen=True)
-class RegChoice:
-    """The chosen L2 weight and, per weight tried, its β and validation metrics at that β."""
-
-    reg: float
-    validation: dict[str, dict[str, float]]
-
-
-def choose_reg(priors: dict[float, PriorChoice]) -> RegChoice:
-    """The L2 weight whose model, with its own β, has the best validation hit@10 (then
-    MRR); the larger weight wins ties.
-
-    ``priors`` holds each weight's ``choose_beta`` result, on the same validation users.
-    Raises ValueError when it is empty.
-    """
-    if not priors:
-        raise ValueError("no L2 weight to choose from")
-    results = {
-        f"{reg:g}": {"beta": prior.beta, **prior.validation[f"{prior.beta:g}"]}
-        for reg, prior in priors.items()
-    }
-    best = max(priors, key=lambda r: (results[f"{r:g}"]["hit@10"], results[f"{r:g}"]["mrr"], r))
-    logger.info("L2 weight: %g on validation %s", best, results[f"{best:g}"])
-    return RegChoice(reg=best, validation=results)
 
 
 def float16_keeps_quality(

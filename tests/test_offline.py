@@ -14,7 +14,6 @@ import pytest
 import scipy.sparse as sp
 
 from recfleet.offline import tuning
-from recfleet.offline.bpr import BPRConfig
 from recfleet.offline.build import TRUTH_FILE, build_artifacts
 from recfleet.offline.candidates import build_candidates
 from recfleet.offline.evaluate import expected_ranks, rank_metrics, split_holdout
@@ -101,42 +100,6 @@ def test_manifest_records_the_prior_and_the_table_dtype_choice(
     keeps = tuning.float16_keeps_quality(metrics["bpr"], metrics["bpr_float16"])
     assert manifest["playlist_dtype"]["dtype"] == ("float16" if keeps else "float32")
     assert metrics["bpr_without_prior"]["hit@10"] > metrics["popularity"]["hit@10"]
-
-
-def test_manifest_records_the_l2_weight_chosen_on_validation(
-    built: tuple[Path, dict[str, Any]],
-) -> None:
-    manifest = built[1]
-    record = manifest["regularisation"]
-    grid = manifest["params"]["regularisation"]["grid"]
-    assert record["default"] == BPRConfig().reg == grid[0]
-    assert set(grid) == set(tuning.REGS) | {record["default"]}
-    validation = record["validation"]
-    assert set(validation) == {f"{reg:g}" for reg in grid}
-    best = max(grid, key=lambda r: (validation[f"{r:g}"]["hit@10"], validation[f"{r:g}"]["mrr"], r))
-    assert record["chosen"] == best
-    chosen = validation[f"{best:g}"]
-    assert chosen["beta"] == manifest["prior"]["beta"]
-    assert chosen["hit@10"] == manifest["prior"]["validation"][f"{chosen['beta']:g}"]["hit@10"]
-    metrics = manifest["metrics"]
-    before, after = metrics["bpr_default_reg"], metrics["bpr"]
-    assert (before == after) == (best == record["default"])
-    assert before["hit@10"] > metrics["popularity"]["hit@10"]
-
-
-def test_the_larger_l2_weight_wins_a_validation_tie() -> None:
-    scores = {"hit@1": 0.1, "hit@5": 0.2, "hit@10": 0.3, "mrr": 0.15}
-    better = {**scores, "mrr": 0.16}
-    priors = {
-        0.001: tuning.PriorChoice(beta=0.2, validation={"0.2": scores}),
-        0.01: tuning.PriorChoice(beta=0.0, validation={"0": scores}),
-        0.003: tuning.PriorChoice(beta=0.1, validation={"0.1": scores}),
-    }
-    assert tuning.choose_reg(priors).reg == 0.01
-    priors[0.001] = tuning.PriorChoice(beta=0.2, validation={"0.2": better})
-    choice = tuning.choose_reg(priors)
-    assert choice.reg == 0.001
-    assert choice.validation["0.001"] == {"beta": 0.2, **better}
 
 
 def test_prior_dimension_adds_beta_log_popularity() -> None:
