@@ -62,7 +62,7 @@ def artifacts() -> None:
     type=click.IntRange(1),
     default=os.cpu_count() or 1,
     show_default="all cores",
-    help="threads for the candidate, tuning and evaluation stages (same artifacts for any)",
+    help="threads for all stages but the SVD (the same artifacts for any count)",
 )
 def artifacts_build(
     out: Path,

@@ -145,6 +145,7 @@ def _train(
     triplets: np.ndarray,
     config: BPRConfig,
     seed: int,
+    threads: int,
 ) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
     coo = train.tocoo()
     data = TrainingData(
@@ -156,7 +157,7 @@ def _train(
         cand_indices=candidates[1],
         triplets=triplets,
     )
-    return train_bpr(data, config, seed)
+    return train_bpr(data, config, seed, threads)
 
 
 def _fit(
@@ -166,6 +167,7 @@ def _fit(
     feedback: Feedback,
     config: BPRConfig,
     seed: int,
+    threads: int,
 ) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray], dict[str, Any]]:
     """BPR on the training split minus a validation split, then β chosen on validation.
 
@@ -173,12 +175,11 @@ def _fit(
     it, and the manifest's record of the training and of the choice.
     """
     carved = tuning.carve_validation(split, seed)
-    # BPR stays on one thread: its ops are small (2048 x 128), and with two intra-op
-    # threads on the shared 2-core machine the stage ran 9x slower (27.6 s against 3.1 s
-    # for 3000 users) with identical results.
+    # The SGD steps run on ``threads`` threads in the compiled kernel; torch, which only
+    # draws the negatives here, stays on one (its small ops do not pay for a thread team).
     with clock.stage("bpr"), _math_threads(1):
         user_emb, playlist_emb, stats = _train(
-            carved.train, candidates, feedback.triplets, config, seed
+            carved.train, candidates, feedback.triplets, config, seed, threads
         )
     with clock.stage("tune"):
         seen = np.bincount(carved.train.indices, minlength=carved.train.shape[1])
@@ -230,15 +231,16 @@ def _build_into(
     with clock.stage("synthetic"):
         truth, split, n_interactions = _synthetic_split(n_users, n_playlists, seed, synth_cfg)
         popularity = np.bincount(split.train.indices, minlength=n_playlists)
-    # The SVD and the kNN stay on one thread: on the shared 2-core machine two threads
-    # made the kNN 5x and the SVD 3x slower (many small ops, a thread team each).
+    # torch and BLAS stay on one thread here: on the shared 2-core machine two threads
+    # inside each op made the kNN 5x and the SVD 3x slower (many small ops, a thread team
+    # each). The kNN's cells and the candidate blocks run on ``threads`` threads instead.
     with clock.stage("pairing"), _math_threads(1):
         indptr, indices, pair_timings = pair_users(split.train, popularity, seed, pair_cfg, threads)
     for name, seconds in pair_timings.items():
         clock.add(name, seconds)
     candidates = (indptr, indices)
     (user_emb, playlist_emb), without_prior, record = _fit(
-        clock, split, candidates, feedback, bpr_cfg, seed
+        clock, split, candidates, feedback, bpr_cfg, seed, threads
     )
     with clock.stage("evaluate"):
         metrics, keep_half = _evaluate(
@@ -293,8 +295,8 @@ def build_artifacts(
 ) -> dict[str, Any]:
     """Build a complete, verified artifact directory at ``out`` and return its manifest.
 
-    ``threads`` (default: every core) is how many threads the candidate, tuning and
-    evaluation stages use (the SVD, kNN and BPR run on one, see ``_build_into``); the
+    ``threads`` (default: every core) is how many threads the kNN, candidate, BPR,
+    tuning and evaluation stages use (the SVD runs on one, see ``_build_into``); the
     result is deterministic for a seed and the same whatever the thread count.
     ``listener`` is told when each stage starts and ends (for a progress display).
 

@@ -5,17 +5,21 @@ already has (held-out positives stay reachable because training rows never conta
 ranked by how many neighbours have them, ties broken by popularity, at most
 ``max_candidates``. Rows shorter than ``min_candidates`` are padded with the most popular
 playlists the user has not seen; only a catalogue too small for that adds seen ones.
-The votes are one sparse product per block of users (adjacency × interactions), and the
-per-row top-``max_candidates`` one sort of packed int64 keys: no per-user Python loop.
+The votes are counted by a compiled loop, user by user, in a dense counter per block of
+users (only the touched entries are read back and reset); the best ``max_candidates``
+are selected by packed int64 keys (votes, then popularity rank), partitioned then sorted.
+Blocks of users run in parallel and write their own users' rows only.
 """
 
 from __future__ import annotations
 
 import logging
-from concurrent.futures import ThreadPoolExecutor
 
+import numba
 import numpy as np
 import scipy.sparse as sp
+
+from recfleet.offline import numba_threads
 
 logger = logging.getLogger("offline")
 
@@ -25,38 +29,49 @@ def popularity_rank(popularity: np.ndarray) -> np.ndarray:
     return np.argsort(-popularity, kind="stable")
 
 
-def _chunk_candidates(
-    matrix: sp.csr_matrix,
-    neighbours: np.ndarray,
-    first_row: int,
-    by_rank: np.ndarray,
-    rank_of: np.ndarray,
-    max_candidates: int,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Candidate lengths and rows for users ``first_row ..`` (one block of neighbours)."""
-    n_rows, k = neighbours.shape
-    own = np.arange(first_row, first_row + n_rows, dtype=np.int64)
-    valid = neighbours >= 0
-    # Votes from neighbours; the user's own row with weight -(k+1) makes seen playlists negative.
-    cols = np.concatenate([neighbours[valid].astype(np.int64), own])
-    rows = np.concatenate([np.nonzero(valid)[0], np.arange(n_rows)])
-    vals = np.concatenate([np.ones(int(valid.sum()), np.float32), np.full(n_rows, -k - 1.0)])
-    adjacency = sp.csr_matrix((vals, (rows, cols)), shape=(n_rows, matrix.shape[0]))
-    votes = (adjacency @ matrix).tocoo()
-    keep = votes.data > 0
-    row, col = votes.row[keep].astype(np.int64), votes.col[keep]
-    vote = votes.data[keep].astype(np.int64)
-    # One int64 sort key: row, then more votes first, then more popular first.
-    rank_bits = max(1, int(len(by_rank) - 1).bit_length())
-    vote_bits = int(k + 1).bit_length()
-    key = (row << (rank_bits + vote_bits)) | ((k - vote) << rank_bits) | rank_of[col]
-    key.sort()
-    row = key >> (rank_bits + vote_bits)
-    starts = np.searchsorted(row, np.arange(n_rows))
-    within = np.arange(len(key)) - starts[row]
-    chosen = within < max_candidates
-    lengths = np.bincount(row[chosen], minlength=n_rows)
-    return lengths, by_rank[key[chosen] & ((1 << rank_bits) - 1)].astype(np.int32)
+@numba.njit(cache=True, nogil=True, parallel=True, boundscheck=False)
+def _top_voted(
+    indptr, indices, neighbours, rank_of, rank_bits, max_candidates, block, out, lengths
+):
+    n_users, k = neighbours.shape
+    n_playlists = len(rank_of)
+    mask = (1 << rank_bits) - 1
+    for b in numba.prange((n_users + block - 1) // block):
+        votes = np.zeros(n_playlists, np.int64)
+        touched = np.empty(n_playlists, np.int64)
+        keys = np.empty(n_playlists, np.int64)
+        for user in range(b * block, min((b + 1) * block, n_users)):
+            count = 0
+            for j in range(k):
+                neighbour = neighbours[user, j]
+                if neighbour < 0:
+                    continue
+                for c in range(indptr[neighbour], indptr[neighbour + 1]):
+                    playlist = indices[c]
+                    if votes[playlist] == 0:
+                        touched[count] = playlist
+                        count += 1
+                    votes[playlist] += 1
+            for c in range(indptr[user], indptr[user + 1]):  # seen: below zero
+                playlist = indices[c]
+                if votes[playlist] == 0:
+                    touched[count] = playlist
+                    count += 1
+                votes[playlist] -= k + 1
+            kept = 0
+            for t in range(count):
+                playlist = touched[t]
+                if votes[playlist] > 0:  # more votes first, then more popular first
+                    keys[kept] = ((k - votes[playlist]) << rank_bits) | rank_of[playlist]
+                    kept += 1
+                votes[playlist] = 0
+            best = keys[:kept]
+            if kept > max_candidates:
+                best = np.partition(best, max_candidates - 1)[:max_candidates]
+            best = np.sort(best)
+            for t in range(len(best)):
+                out[user, t] = best[t] & mask
+            lengths[user] = len(best)
 
 
 def _pad_short_rows(
@@ -88,25 +103,33 @@ def build_candidates(
     *,
     min_candidates: int = 20,
     max_candidates: int = 100,
-    block: int = 8192,
+    block: int = 1024,
     threads: int = 1,
 ) -> tuple[np.ndarray, np.ndarray]:
     """CSR (indptr int64, indices int32) of candidate playlist rows for every user row.
 
-    Blocks of users run on ``threads`` threads (scipy's sparse product releases the GIL).
+    ``matrix`` is binary (users × playlists); ``neighbours`` int [users, k], -1 pads.
+    Blocks of ``block`` users run on ``threads`` threads; the result is the same for any.
     """
     by_rank = popularity_rank(popularity)
     rank_of = np.empty(len(by_rank), dtype=np.int64)
     rank_of[by_rank] = np.arange(len(by_rank))
-    matrix = matrix.astype(np.float32)
-
-    def block_at(start: int) -> tuple[np.ndarray, np.ndarray]:
-        block_nb = neighbours[start : start + block]
-        return _chunk_candidates(matrix, block_nb, start, by_rank, rank_of, max_candidates)
-
-    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
-        parts = list(pool.map(block_at, range(0, matrix.shape[0], block)))
-    indptr = np.zeros(matrix.shape[0] + 1, dtype=np.int64)
-    np.cumsum(np.concatenate([p[0] for p in parts]), out=indptr[1:])
-    indices = np.concatenate([p[1] for p in parts])
-    return _pad_short_rows(indptr, indices, matrix, by_rank, min_candidates)
+    n_users = matrix.shape[0]
+    top = np.empty((n_users, max_candidates), dtype=np.int64)
+    lengths = np.empty(n_users, dtype=np.int64)
+    with numba_threads.using(threads):
+        _top_voted(
+            matrix.indptr.astype(np.int64),
+            matrix.indices.astype(np.int64),
+            np.ascontiguousarray(neighbours),
+            rank_of,
+            max(1, int(len(by_rank) - 1).bit_length()),
+            max_candidates,
+            block,
+            top,
+            lengths,
+        )
+    indptr = np.zeros(n_users + 1, dtype=np.int64)
+    np.cumsum(lengths, out=indptr[1:])
+    ranks = top[np.arange(max_candidates)[None, :] < lengths[:, None]]
+    return _pad_short_rows(indptr, by_rank[ranks].astype(np.int32), matrix, by_rank, min_candidates)

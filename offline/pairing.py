@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -145,9 +146,19 @@ def _probe_lists(centroids: torch.Tensor, sizes: torch.Tensor, pool_size: int) -
 
 
 def nearest_neighbours(
-    emb: np.ndarray, k: int, seed: int, *, cell_size: int = 1000, pool_size: int = 2000
+    emb: np.ndarray,
+    k: int,
+    seed: int,
+    *,
+    cell_size: int = 1000,
+    pool_size: int = 2000,
+    threads: int = 1,
 ) -> np.ndarray:
-    """int32 [n_users, k] neighbour rows by cosine of ``emb`` (IVF search); -1 pads."""
+    """int32 [n_users, k] neighbour rows by cosine of ``emb`` (IVF search); -1 pads.
+
+    Cells are searched on ``threads`` threads (torch's product and numpy's partition
+    release the GIL); each cell writes its own users' rows, so the result is the same.
+    """
     emb_t = torch.from_numpy(emb)
     n_users = emb.shape[0]
     centroids, cells = balanced_cells(emb_t, cell_size, seed)
@@ -156,12 +167,17 @@ def nearest_neighbours(
     bounds = torch.cat([torch.zeros(1, dtype=torch.int64), sizes.cumsum(0)]).tolist()
     members_of = [order[bounds[c] : bounds[c + 1]] for c in range(len(centroids))]
     result = np.full((n_users, k), -1, dtype=np.int32)
-    for cell, probes in enumerate(_probe_lists(centroids, sizes, pool_size)):
+
+    def search(cell: int, probes: list[int]) -> None:
         if len(members_of[cell]) == 0:
-            continue
+            return
         others = [members_of[p] for p in probes if p != cell]
         pool = torch.cat([members_of[cell], *others])
         result[members_of[cell].numpy()] = _neighbours_in_pool(emb_t, members_of[cell], pool, k)
+
+    probe_lists = _probe_lists(centroids, sizes, pool_size)
+    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+        list(pool.map(search, range(len(probe_lists)), probe_lists))
     return result
 
 
@@ -183,7 +199,12 @@ def pair_users(
     emb = user_embeddings(matrix, config.rank, seed)
     lap("pairing_svd")
     neighbours = nearest_neighbours(
-        emb, config.neighbours, seed, cell_size=config.cell_size, pool_size=config.pool_size
+        emb,
+        config.neighbours,
+        seed,
+        cell_size=config.cell_size,
+        pool_size=config.pool_size,
+        threads=threads,
     )
     lap("pairing_knn")
     indptr, indices = build_candidates(

@@ -257,6 +257,8 @@ def test_ivf_search_finds_most_exact_neighbours() -> None:
     )
     emb /= np.linalg.norm(emb, axis=1, keepdims=True)
     approx = nearest_neighbours(emb, 10, seed=0, cell_size=200, pool_size=600)
+    again = nearest_neighbours(emb, 10, seed=0, cell_size=200, pool_size=600, threads=2)
+    assert np.array_equal(again, approx)
     sim = emb @ emb.T
     np.fill_diagonal(sim, -np.inf)
     exact = np.argsort(-sim, axis=1)[:, :10]

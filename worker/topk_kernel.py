@@ -43,7 +43,7 @@ def _half_to_float(typingctx: Any, bits: Any) -> Any:
 
 
 @intrinsic
-def _prefetch(typingctx: Any, table: Any, row: Any, column: Any) -> Any:
+def prefetch(typingctx: Any, table: Any, row: Any, column: Any) -> Any:
     """Ask the CPU to start loading the cache line of ``table[row, column]``."""
     signature = types.void(table, row, column)
 
@@ -89,7 +89,7 @@ def _make_kernel(widen: Any) -> Any:
             for c in range(begin, end):
                 if c + _AHEAD < end:
                     for j in range(0, dim, line):
-                        _prefetch(table, indices[c + _AHEAD], j)
+                        prefetch(table, indices[c + _AHEAD], j)
                 playlist = np.int64(indices[c])
                 score = np.float32(0.0)
                 for j in range(dim):

@@ -1,0 +1,207 @@
+"""The compiled BPR epoch: minibatch SGD on as many threads as given, same bits for any count.
+
+One epoch is a sequential loop over minibatches of ``batch_size`` triplets (user, liked
+playlist, other playlist). Each minibatch is the step the model has always taken: every
+triplet's gradient is computed from the rows as they were before the minibatch, and the
+updates of the minibatch are then added to the tables. It runs in two parallel passes:
+
+1. Gather (``prange`` over triplets): copy the triplet's user, liked and other rows into
+   the workspace, compute ``x = u·(p-n)``, the step ``lr·sigmoid(-x)`` (the gradient of
+   ``-log sigmoid(x)`` with the step size folded in) and the loss ``softplus(-x)``. Each
+   triplet is one thread's alone, and the tables are only read. The rows are random
+   reads from tables far larger than the caches: the rows of the triplet ``_AHEAD``
+   places ahead are prefetched, so several are in flight from memory at once.
+2. Scatter (``prange`` over ``slots`` owners): owner ``t`` adds the updates to the rows
+   whose index is ``t`` modulo ``slots``: the user rows in minibatch order, then the
+   liked rows, then the other rows, from the pre-minibatch copies. No two threads write
+   one row, and each row receives its additions in one fixed order (the order of the
+   three ``index_add_`` calls of a plain tensor implementation), whatever the number of
+   owners or threads.
+
+So the embeddings are identical bit for bit for any thread count (on one machine: the
+compiled code may differ on another CPU). The loss is summed in float64 in minibatch
+order, on one thread. The dot product and the updates are compiled with reassociation
+and contraction allowed (``fastmath`` with ``reassoc`` and ``contract`` only), so they
+may differ from an unfused, left-to-right float32 evaluation in the last bits.
+
+Two parallel regions per minibatch of 2048 cost tens of microseconds against the
+milliseconds of row reads and writes in them, provided every thread gets a core when a
+region starts; on a machine whose other cores are busy, one thread is faster. Since the
+result does not depend on the thread count, ``Trainer`` runs each segment of ``SEGMENT``
+minibatches on one thread or on all it is given, whichever ran faster when last timed
+(``ThreadChoice``): the thread count a busy machine can use, found while training.
+Numba's threads wait for work asleep (``offline.numba_threads``).
+"""
+
+from __future__ import annotations
+
+import time
+
+import numba
+import numpy as np
+
+from recfleet.offline import numba_threads
+from recfleet.worker.topk_kernel import prefetch
+
+_FASTMATH = {"reassoc", "contract"}
+_AHEAD = 8  # triplets ahead whose rows are prefetched
+SEGMENT = 64  # minibatches per kernel call, each on one thread count
+PROBE_EVERY = 16  # segments between two timings of the thread count not in use
+
+
+@numba.njit(cache=True, nogil=True, parallel=True, fastmath=_FASTMATH, boundscheck=False)
+def _epoch(user_emb, playlist_emb, users, pos, neg, lr, reg, slots, u, p, n, step, loss):
+    dim = user_emb.shape[1]
+    batch_size = u.shape[0]
+    line = 64 // user_emb.itemsize  # elements per cache line
+    rate = np.float32(lr)
+    decay = np.float32(-lr * reg)
+    one = np.float32(1.0)
+    total = 0.0
+    for begin in range(0, len(users), batch_size):
+        size = min(batch_size, len(users) - begin)
+        for i in numba.prange(size):
+            if i + _AHEAD < size:
+                ahead = begin + i + _AHEAD
+                for j in range(0, dim, line):
+                    prefetch(user_emb, users[ahead], j)
+                    prefetch(playlist_emb, pos[ahead], j)
+                    prefetch(playlist_emb, neg[ahead], j)
+            row_u, row_p, row_n = users[begin + i], pos[begin + i], neg[begin + i]
+            x = np.float32(0.0)
+            for j in range(dim):
+                u[i, j] = user_emb[row_u, j]
+                p[i, j] = playlist_emb[row_p, j]
+                n[i, j] = playlist_emb[row_n, j]
+                x += u[i, j] * (p[i, j] - n[i, j])
+            step[i] = one / (one + np.exp(x)) * rate
+            z = -np.float64(x)  # softplus(z) = max(z, 0) + log1p(exp(-|z|))
+            loss[i] = max(z, 0.0) + np.log1p(np.exp(-abs(z)))
+        for i in range(size):
+            total += loss[i]
+        for slot in numba.prange(slots):
+            for i in range(size):
+                row = users[begin + i]
+                if row % slots == slot:
+                    w = step[i]
+                    for j in range(dim):
+                        user_emb[row, j] += (p[i, j] - n[i, j]) * w + decay * u[i, j]
+            for i in range(size):
+                row = pos[begin + i]
+                if row % slots == slot:
+                    w = step[i]
+                    for j in range(dim):
+                        playlist_emb[row, j] += p[i, j] * decay + u[i, j] * w
+            for i in range(size):
+                row = neg[begin + i]
+                if row % slots == slot:
+                    w = step[i]
+                    for j in range(dim):
+                        playlist_emb[row, j] += n[i, j] * decay - u[i, j] * w
+    return total
+
+
+class ThreadChoice:
+    """One thread or all ``threads``, segment by segment, by the speed last timed with each.
+
+    Each count is tried once, then the faster one runs, and every ``PROBE_EVERY``-th
+    segment the other runs once more, so a change of load is noticed. Ties go to more
+    threads.
+    """
+
+    def __init__(self, threads: int) -> None:
+        self.counts = (threads, 1) if threads > 1 else (1,)
+        self.seconds_per_triplet: dict[int, float] = {}
+        self.segments = 0
+
+    def next(self) -> int:
+        """The thread count for the next segment."""
+        for count in self.counts:
+            if count not in self.seconds_per_triplet:
+                return count
+        ranked = sorted(self.counts, key=self.seconds_per_triplet.__getitem__)
+        return ranked[-1] if self.segments % PROBE_EVERY == 0 else ranked[0]
+
+    def record(self, threads: int, seconds: float, triplets: int) -> None:
+        """Note how long a segment of ``triplets`` took on ``threads`` threads."""
+        self.seconds_per_triplet[threads] = seconds / max(1, triplets)
+        self.segments += 1
+
+
+class Trainer:
+    """Epochs of minibatch steps on ``threads`` threads at most; buffers allocated once.
+
+    Raises ValueError for a batch size, dimension or thread count below 1.
+    """
+
+    def __init__(self, batch_size: int, dim: int, threads: int) -> None:
+        if batch_size < 1 or dim < 1 or threads < 1:
+            raise ValueError(
+                f"need batch_size, dim, threads ≥ 1; got {batch_size}, {dim}, {threads}"
+            )
+        self.batch_size = batch_size
+        self.threads = threads
+        self.choice = ThreadChoice(min(threads, numba_threads.most()))
+        shape = (batch_size, dim)
+        self._user = np.empty(shape, np.float32)
+        self._pos = np.empty(shape, np.float32)
+        self._neg = np.empty(shape, np.float32)
+        self._step = np.empty(batch_size, np.float32)
+        self._loss = np.empty(batch_size, np.float64)
+        # Load the compiled code now, so that its seconds are not timed as a segment's.
+        empty = np.zeros((0, dim), np.float32)
+        self.steps(empty, empty, (np.zeros(0, np.int64),) * 3, 0.0, 0.0, 1)
+
+    def steps(
+        self,
+        user_emb: np.ndarray,
+        playlist_emb: np.ndarray,
+        triplets: tuple[np.ndarray, ...],
+        lr: float,
+        reg: float,
+        threads: int,
+    ) -> float:
+        """Minibatch steps over ``triplets`` on ``threads`` threads (at most the cores
+        numba has); returns the summed loss. Arguments as for ``epoch``."""
+        with numba_threads.using(threads):
+            return float(
+                _epoch(
+                    user_emb,
+                    playlist_emb,
+                    triplets[0],
+                    triplets[1],
+                    triplets[2],
+                    lr,
+                    reg,
+                    self.threads,
+                    self._user,
+                    self._pos,
+                    self._neg,
+                    self._step,
+                    self._loss,
+                )
+            )
+
+    def epoch(
+        self,
+        user_emb: np.ndarray,
+        playlist_emb: np.ndarray,
+        triplets: tuple[np.ndarray, np.ndarray, np.ndarray],
+        lr: float,
+        reg: float,
+    ) -> float:
+        """One pass of minibatch steps over ``triplets``, in place; returns the summed loss.
+
+        user_emb / playlist_emb: float32 [U, d] / [P, d], C-contiguous, written in place;
+        triplets: int64 [n] user, liked and other rows, in training order. Arguments are
+        trusted (no range checks). The result does not depend on the thread counts used.
+        """
+        total = 0.0
+        size = SEGMENT * self.batch_size
+        for begin in range(0, len(triplets[0]), size):
+            segment = tuple(column[begin : begin + size] for column in triplets)
+            threads = self.choice.next()
+            start = time.perf_counter()
+            total += self.steps(user_emb, playlist_emb, segment, lr, reg, threads)
+            self.choice.record(threads, time.perf_counter() - start, len(segment[0]))
+        return total
