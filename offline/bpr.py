@@ -84,41 +84,43 @@ def auto_epochs(n_positives: int, n_playlists: int, config: BPRConfig) -> int:
 
 
 def _sample_negatives(
-    users: torch.Tensor, data: TrainingData, config: BPRConfig, gen: torch.Generator
-) -> torch.Tensor:
-    """One negative per user: from their candidates, by popularity, or uniform."""
+    users: np.ndarray, data: TrainingData, config: BPRConfig, gen: torch.Generator
+) -> np.ndarray:
+    """One negative per user: from their candidates, by popularity, or uniform.
+
+    The draws are torch's seeded generator's, in a fixed order; the gathers are numpy's
+    (several times faster than torch's indexing), with torch's float32 arithmetic.
+    """
     n = len(users)
-    source = torch.rand(n, generator=gen)
-    negatives = torch.randint(0, data.n_playlists, (n,), generator=gen)
-    by_popularity = torch.from_numpy(data.playlists)[
-        torch.randint(0, max(1, len(data.playlists)), (n,), generator=gen)
-    ]
-    popular = source < config.candidate_negatives + config.popular_negatives
-    negatives = torch.where(popular, by_popularity.long(), negatives)
+    source = torch.rand(n, generator=gen).numpy()
+    negatives = torch.randint(0, data.n_playlists, (n,), generator=gen).numpy()
+    picks = torch.randint(0, max(1, len(data.playlists)), (n,), generator=gen).numpy()
+    popular = source < np.float32(config.candidate_negatives + config.popular_negatives)
+    negatives = np.where(popular, data.playlists[picks], negatives)
     if len(data.cand_indices) == 0:
         return negatives
-    indptr = torch.from_numpy(data.cand_indptr)
-    starts, lengths = indptr[users], indptr[users + 1] - indptr[users]
-    offsets = (torch.rand(n, generator=gen) * lengths).long()
-    picked = torch.from_numpy(data.cand_indices)[
-        (starts + offsets).clamp_max(len(data.cand_indices) - 1)
-    ]
-    from_candidates = (source < config.candidate_negatives) & (lengths > 0)
-    return torch.where(from_candidates, picked.long(), negatives)
+    starts = data.cand_indptr[users]
+    lengths = data.cand_indptr[users + 1] - starts
+    draws = torch.rand(n, generator=gen).numpy()
+    offsets = (draws * lengths.astype(np.float32)).astype(np.int64)
+    picked = data.cand_indices[np.minimum(starts + offsets, len(data.cand_indices) - 1)]
+    from_candidates = (source < np.float32(config.candidate_negatives)) & (lengths > 0)
+    return np.where(from_candidates, picked, negatives)
 
 
 def _epoch_triplets(
     data: TrainingData, config: BPRConfig, gen: torch.Generator
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """All positives plus the extra triplets, shuffled, with fresh negatives."""
-    order = torch.randperm(len(data.users), generator=gen)
-    users = torch.from_numpy(data.users).long()[order]
-    pos = torch.from_numpy(data.playlists).long()[order]
-    neg = _sample_negatives(users, data, config, gen)
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """All positives plus the extra triplets, shuffled, with fresh negatives (int64)."""
+    order = torch.randperm(len(data.users), generator=gen).numpy()
+    users = data.users[order].astype(np.int64)
+    pos = data.playlists[order].astype(np.int64)
+    neg = _sample_negatives(users, data, config, gen).astype(np.int64)
     if len(data.triplets):
-        extra = torch.from_numpy(data.triplets)
-        users, pos, neg = (torch.cat([a, extra[:, i]]) for i, a in enumerate((users, pos, neg)))
-        shuffle = torch.randperm(len(users), generator=gen)
+        users, pos, neg = (
+            np.concatenate([a, data.triplets[:, i]]) for i, a in enumerate((users, pos, neg))
+        )
+        shuffle = torch.randperm(len(users), generator=gen).numpy()
         users, pos, neg = users[shuffle], pos[shuffle], neg[shuffle]
     return users, pos, neg
 
@@ -150,14 +152,13 @@ def train_bpr(
     with ThreadPoolExecutor(max_workers=1) as ahead:
         drawn = [ahead.submit(_epoch_triplets, data, config, gen)] if epochs else []
         for epoch in range(epochs):
-            users, pos, neg = drawn.pop().result()
+            triplets = drawn.pop().result()
             if epoch + 1 < epochs:
                 drawn.append(ahead.submit(_epoch_triplets, data, config, gen))
             # Linear decay of the step size to a tenth of it.
             lr = config.lr * (1.0 - 0.9 * epoch / max(1, epochs))
-            triplets = (users.numpy(), pos.numpy(), neg.numpy())
             loss = trainer.epoch(user_emb, playlist_emb, triplets, lr, config.reg) / max(
-                1, len(users)
+                1, len(triplets[0])
             )
             logger.debug("bpr: epoch %d/%d loss %.4f", epoch + 1, epochs, loss)
     samples = epochs * (len(data.users) + len(data.triplets))

@@ -1,5 +1,5 @@
-"""The compiled BPR step: the math of a plain minibatch step, the same bits on any number
-of threads."""
+"""The compiled BPR step: the math of a plain minibatch step (the torch step it replaces:
+gathered rows, then three ``index_add_``), the same bits on any number of threads."""
 
 from __future__ import annotations
 
