@@ -51,7 +51,8 @@ def test_shards_hold_every_user_once_and_share_one_playlist_table(
     assert smap.count == 2 and [s.lo for s in smap.shards] == [0, int(parts[1].user_ids[0])]
     assert np.array_equal(np.concatenate([p.user_ids for p in parts]), whole.user_ids)
     for p in parts:
-        assert Path(p.playlist_embeddings.filename).parent.name == "shared"  # type: ignore[attr-defined]
+        mapped = p.playlist_embeddings.base  # the np.memmap behind the plain view
+        assert Path(mapped.filename).parent.name == "shared"  # type: ignore[union-attr]
         assert np.array_equal(p.fallback, whole.fallback)
         direct = Ranker.from_artifacts(whole, k=10).rank(whole.user_rows(p.user_ids))
         ranked = Ranker.from_artifacts(p, k=10).rank(p.user_rows(p.user_ids))
