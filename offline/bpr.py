@@ -157,9 +157,15 @@ def train_bpr(
                 drawn.append(ahead.submit(_epoch_triplets, data, config, gen))
             # Linear decay of the step size to a tenth of it.
             lr = config.lr * (1.0 - 0.9 * epoch / max(1, epochs))
-            loss = trainer.epoch(user_emb, playlist_emb, triplets, lr, config.reg) / max(
-                1, len(triplets[0])
+            total = trainer.epoch(
+                user_emb,
+                playlist_emb,
+                triplets,
+                lr,
+                config.reg,
+                lambda: any(not f.done() for f in drawn),
             )
+            loss = total / max(1, len(triplets[0]))
             logger.debug("bpr: epoch %d/%d loss %.4f", epoch + 1, epochs, loss)
     samples = epochs * (len(data.users) + len(data.triplets))
     stats = {"epochs": epochs, "final_loss": round(loss, 5), "samples": samples}

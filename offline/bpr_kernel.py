@@ -28,14 +28,18 @@ Two parallel regions per minibatch of 2048 cost tens of microseconds against the
 milliseconds of row reads and writes in them, provided every thread gets a core when a
 region starts; on a machine whose other cores are busy, one thread is faster. Since the
 result does not depend on the thread count, ``Trainer`` runs each segment of ``SEGMENT``
-minibatches on one thread or on all it is given, whichever ran faster when last timed
-(``ThreadChoice``): the thread count a busy machine can use, found while training.
+minibatches on one thread or on all it is given, whichever ran faster when last timed,
+the other being timed now and then on a short segment (``ThreadChoice``): the thread
+count a busy machine can use, found while training.
+While the caller's own second thread draws the next epoch's triplets, segments run on
+one thread fewer (two threads and the drawing thread on two cores ran slower than one).
 Numba's threads wait for work asleep (``offline.numba_threads``).
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import numba
 import numpy as np
@@ -47,17 +51,18 @@ _FASTMATH = {"reassoc", "contract"}
 _AHEAD = 8  # triplets ahead whose rows are prefetched
 SEGMENT = 64  # minibatches per kernel call, each on one thread count
 PROBE_EVERY = 16  # segments between two timings of the thread count not in use
+LONGEST_WAIT = 256  # segments, when those timings keep losing
+TRIAL = 8  # minibatches of a segment timed on the thread count not in use
 
 
 @numba.njit(cache=True, nogil=True, parallel=True, fastmath=_FASTMATH, boundscheck=False)
-def _epoch(user_emb, playlist_emb, users, pos, neg, lr, reg, slots, u, p, n, step, loss):
+def _epoch(user_emb, playlist_emb, users, pos, neg, lr, reg, slots, u, p, n, step, loss, sums):
     dim = user_emb.shape[1]
     batch_size = u.shape[0]
     line = 64 // user_emb.itemsize  # elements per cache line
     rate = np.float32(lr)
     decay = np.float32(-lr * reg)
     one = np.float32(1.0)
-    total = 0.0
     for begin in range(0, len(users), batch_size):
         size = min(batch_size, len(users) - begin)
         for i in numba.prange(size):
@@ -77,8 +82,10 @@ def _epoch(user_emb, playlist_emb, users, pos, neg, lr, reg, slots, u, p, n, ste
             step[i] = one / (one + np.exp(x)) * rate
             z = -np.float64(x)  # softplus(z) = max(z, 0) + log1p(exp(-|z|))
             loss[i] = max(z, 0.0) + np.log1p(np.exp(-abs(z)))
+        total = 0.0
         for i in range(size):
             total += loss[i]
+        sums[begin // batch_size] = total
         for slot in numba.prange(slots):
             for i in range(size):
                 row = users[begin + i]
@@ -98,34 +105,54 @@ def _epoch(user_emb, playlist_emb, users, pos, neg, lr, reg, slots, u, p, n, ste
                     w = step[i]
                     for j in range(dim):
                         playlist_emb[row, j] += n[i, j] * decay - u[i, j] * w
-    return total
 
 
 class ThreadChoice:
     """One thread or all ``threads``, segment by segment, by the speed last timed with each.
 
-    Each count is tried once, then the faster one runs, and every ``PROBE_EVERY``-th
-    segment the other runs once more, so a change of load is noticed. Ties go to more
-    threads.
+    Each count is tried once, then the faster one runs, and after ``PROBE_EVERY``
+    segments the other runs once more (a short trial segment), so that a change of load
+    is noticed. A trial that loses doubles the wait for the next one (up to
+    ``LONGEST_WAIT`` segments): on a busy machine two threads can take ten times as long
+    as one. Ties go to more threads.
     """
 
     def __init__(self, threads: int) -> None:
         self.counts = (threads, 1) if threads > 1 else (1,)
         self.seconds_per_triplet: dict[int, float] = {}
-        self.segments = 0
+        self.wait = PROBE_EVERY
+        self.until_probe = PROBE_EVERY
+
+    def _best(self) -> int:
+        return min(self.counts, key=self.seconds_per_triplet.__getitem__)
 
     def next(self) -> int:
         """The thread count for the next segment."""
         for count in self.counts:
             if count not in self.seconds_per_triplet:
                 return count
-        ranked = sorted(self.counts, key=self.seconds_per_triplet.__getitem__)
-        return ranked[-1] if self.segments % PROBE_EVERY == 0 else ranked[0]
+        best = self._best()
+        if self.until_probe > 0 or len(self.counts) == 1:
+            return best
+        return next(count for count in self.counts if count != best)
+
+    def trial(self, threads: int) -> bool:
+        """Whether a segment on ``threads`` threads is a trial: the count is untried, or
+        not the faster one (such segments are kept short, ``TRIAL`` minibatches)."""
+        if threads not in self.seconds_per_triplet:
+            return True
+        return len(self.seconds_per_triplet) == len(self.counts) and threads != self._best()
 
     def record(self, threads: int, seconds: float, triplets: int) -> None:
         """Note how long a segment of ``triplets`` took on ``threads`` threads."""
+        probe = len(self.seconds_per_triplet) == len(self.counts) and threads != self._best()
         self.seconds_per_triplet[threads] = seconds / max(1, triplets)
-        self.segments += 1
+        if not probe:
+            self.until_probe -= 1
+            return
+        won = self._best() == threads
+        self.wait = PROBE_EVERY if won else min(2 * self.wait, LONGEST_WAIT)
+        self.until_probe = self.wait
 
 
 class Trainer:
@@ -150,7 +177,7 @@ class Trainer:
         self._loss = np.empty(batch_size, np.float64)
         # Load the compiled code now, so that its seconds are not timed as a segment's.
         empty = np.zeros((0, dim), np.float32)
-        self.steps(empty, empty, (np.zeros(0, np.int64),) * 3, 0.0, 0.0, 1)
+        self.steps(empty, empty, (np.zeros(0, np.int64),) * 3, 0.0, 0.0, 1, np.zeros(0))
 
     def steps(
         self,
@@ -160,26 +187,27 @@ class Trainer:
         lr: float,
         reg: float,
         threads: int,
-    ) -> float:
+        sums: np.ndarray,
+    ) -> None:
         """Minibatch steps over ``triplets`` on ``threads`` threads (at most the cores
-        numba has); returns the summed loss. Arguments as for ``epoch``."""
+        numba has); ``sums`` (float64, one per minibatch) gets each minibatch's summed
+        loss. Other arguments as for ``epoch``."""
         with numba_threads.using(threads):
-            return float(
-                _epoch(
-                    user_emb,
-                    playlist_emb,
-                    triplets[0],
-                    triplets[1],
-                    triplets[2],
-                    lr,
-                    reg,
-                    self.threads,
-                    self._user,
-                    self._pos,
-                    self._neg,
-                    self._step,
-                    self._loss,
-                )
+            _epoch(
+                user_emb,
+                playlist_emb,
+                triplets[0],
+                triplets[1],
+                triplets[2],
+                lr,
+                reg,
+                self.threads,
+                self._user,
+                self._pos,
+                self._neg,
+                self._step,
+                self._loss,
+                sums,
             )
 
     def epoch(
@@ -189,19 +217,31 @@ class Trainer:
         triplets: tuple[np.ndarray, np.ndarray, np.ndarray],
         lr: float,
         reg: float,
+        busy: Callable[[], bool] = lambda: False,
     ) -> float:
         """One pass of minibatch steps over ``triplets``, in place; returns the summed loss.
 
         user_emb / playlist_emb: float32 [U, d] / [P, d], C-contiguous, written in place;
-        triplets: int64 [n] user, liked and other rows, in training order. Arguments are
-        trusted (no range checks). The result does not depend on the thread counts used.
+        triplets: int64 [n] user, liked and other rows, in training order. ``busy`` tells
+        whether the caller has another thread at work (drawing the next triplets): the
+        segments then run on one thread fewer, and are not timed. Arguments are trusted
+        (no range checks). The result does not depend on the thread counts used, nor on
+        where the segments begin and end (the loss is summed per minibatch, then whole).
         """
-        total = 0.0
-        size = SEGMENT * self.batch_size
-        for begin in range(0, len(triplets[0]), size):
-            segment = tuple(column[begin : begin + size] for column in triplets)
-            threads = self.choice.next()
+        n = len(triplets[0])
+        sums = np.zeros(-(-n // self.batch_size))
+        most = self.choice.counts[0]
+        begin = 0
+        while begin < n:
+            timed = not (most > 1 and busy())
+            threads = self.choice.next() if timed else most - 1
+            batches = TRIAL if timed and self.choice.trial(threads) else SEGMENT
+            end = min(n, begin + batches * self.batch_size)
+            segment = tuple(column[begin:end] for column in triplets)
+            first = begin // self.batch_size
             start = time.perf_counter()
-            total += self.steps(user_emb, playlist_emb, segment, lr, reg, threads)
-            self.choice.record(threads, time.perf_counter() - start, len(segment[0]))
-        return total
+            self.steps(user_emb, playlist_emb, segment, lr, reg, threads, sums[first:])
+            if timed:
+                self.choice.record(threads, time.perf_counter() - start, end - begin)
+            begin = end
+        return float(sums.sum())
