@@ -72,6 +72,7 @@ def measure(
             statuses = wait(client, sub.batch_ids, sub.users, show=show)
             total = max(st["last_done_at"] or 0 for st in statuses) - _epoch(start)
             after = meter.read()
+        meter.close()
     return FleetRun(
         processes=processes,
         users=sub.users,
@@ -96,6 +97,9 @@ class CpuMeter:
         supervisor = psutil.Process(fleet.workers.pid) if fleet.workers else None
         self._workers = [supervisor, *supervisor.children(recursive=True)] if supervisor else []
         self._broker = [p for p in psutil.process_iter(["name"]) if p.info["name"] == "beam.smp"]
+
+    def close(self) -> None:
+        self._redis.close()
 
     def read(self) -> dict[str, float]:
         info = self._redis.info("cpu")

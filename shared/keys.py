@@ -127,6 +127,17 @@ class BucketGroups:
         fields = ids[order] & ((1 << BUCKET_BITS) - 1)
         return cls(order, ends, (firsts << BUCKET_BITS).tolist(), fields)
 
+    def mappings(self, values: Sequence[bytes]) -> list[dict[int, bytes]]:
+        """``{field: value}`` of each group, ``values`` in the users' original order; a
+        later duplicate of a user overrides an earlier one, as a dict does."""
+        fields = self.fields.tolist()
+        ordered = [values[i] for i in self.order.tolist()]
+        ends = self.ends.tolist()
+        return [
+            dict(zip(fields[lo:hi], ordered[lo:hi], strict=True))
+            for lo, hi in zip([0, *ends][:-1], ends, strict=True)
+        ]
+
 
 def bucket_mappings(
     keys: Keys, generation: str, user_ids: Sequence[int] | np.ndarray, values: list[bytes]
@@ -138,11 +149,7 @@ def bucket_mappings(
     if len(values) != len(user_ids):
         raise ValueError(f"{len(user_ids)} user ids but {len(values)} values")
     groups = BucketGroups.of(user_ids)
-    fields = groups.fields.tolist()
-    ordered = [values[i] for i in groups.order.tolist()]
-    ends = groups.ends.tolist()
-    spans = zip(groups.firsts, [0, *ends][:-1], ends, strict=True)
     return {
-        keys.result_bucket(generation, first): dict(zip(fields[lo:hi], ordered[lo:hi], strict=True))
-        for first, lo, hi in spans
+        keys.result_bucket(generation, first): mapping
+        for first, mapping in zip(groups.firsts, groups.mappings(values), strict=True)
     }

@@ -278,11 +278,10 @@ class JobHandler:
     ) -> list[Any]:
         """The same writes through redis-py's pipeline (a Redis Cluster routes each key to
         its node); returns the replies of ``calls``."""
-        values = split_records(records[groups.order])
-        fields = groups.fields.tolist()
+        mappings = groups.mappings(split_records(records))
         with self.redis.pipeline(transaction=False) as pipe:
-            for key, lo, hi in zip(keys, [0, *groups.ends[:-1]], groups.ends, strict=True):
-                pipe.hset(key, mapping=dict(zip(fields[lo:hi], values[lo:hi], strict=True)))
+            for key, mapping in zip(keys, mappings, strict=True):
+                pipe.hset(key, mapping=mapping)  # type: ignore[arg-type]
                 if expire is not None:
                     pipe.expire(key, expire)
             for call in calls:
