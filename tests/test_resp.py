@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import redis
@@ -126,3 +130,40 @@ def test_packed_writes_store_what_the_pipeline_stores(fleet_settings: Settings) 
     assert packed == pipelined
     results = [k for k in packed if k.startswith(b"P:r:b1:")]
     assert len(results) > 2 and sum(len(packed[k]) for k in results) == 1501  # type: ignore[arg-type]
+
+
+_FIRST_JOB = """
+import sys
+from recfleet.shared.messages import make_jobs
+from recfleet.shared.redis import redis_client
+from recfleet.shared.settings import Settings
+from recfleet.worker import resp, topk_kernel
+from recfleet.worker.handler import JobHandler
+from recfleet.worker.models import ModelStore
+
+settings = Settings()
+models = ModelStore(settings.artifacts, k=settings.top_k)
+models.current()
+handler = JobHandler(settings, models, redis_client(settings))
+loops = (resp._pack_hsets, topk_kernel._KERNEL_FLOAT16, topk_kernel._KERNEL_FLOAT32)
+before = [len(loop.signatures) for loop in loops]
+for job in make_jobs("warm", list(range(300)), 100):
+    handler.handle(job)
+after = [len(loop.signatures) for loop in loops]
+print(before, after)
+# The packer and the loop for the model's table dtype were compiled before the job.
+sys.exit(0 if before[0] > 0 and max(before[1:]) > 0 and before == after else 1)
+"""
+
+
+def test_a_worker_compiles_its_loops_before_the_first_job(fleet_settings: Settings) -> None:
+    """A loaded model and a handler leave nothing to compile on the first job (with a
+    cold numba cache, compiling the packer alone takes seconds). Runs in a fresh process,
+    where nothing else has compiled them."""
+    from recfleet.cli.fleet import settings_env
+
+    env = {**os.environ, **settings_env(fleet_settings)}
+    done = subprocess.run(
+        [sys.executable, "-c", _FIRST_JOB], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stdout + done.stderr[-2000:]

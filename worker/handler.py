@@ -31,7 +31,7 @@ from recfleet.shared.messages import Job
 from recfleet.shared.settings import Settings
 from recfleet.worker import metrics
 from recfleet.worker.models import Model, ModelStore
-from recfleet.worker.resp import pack_hsets, send_packed
+from recfleet.worker.resp import compile_packer, pack_hsets, send_packed
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +97,8 @@ class JobHandler:
         self._pin = client.register_script(PIN_SCRIPT)
         self._revive = client.register_script(REVIVE_SCRIPT)
         self._pins: dict[str, BatchInfo] = {}
+        if self.packed_writes:
+            compile_packer()  # before the first job, as the Ranker compiles its loop
 
     def batch_info(self, job: Job) -> BatchInfo:
         """The job's batch: its pinned model (pinning the current one on first use) and kind.

@@ -122,6 +122,13 @@ def pack_hsets(
     )
 
 
+def compile_packer() -> None:
+    """Compile (or load from numba's cache) the packing loop now, so that a worker's first
+    job does not pay for it: seconds with a cold cache, as in a fresh container."""
+    values = np.zeros((1, 4), dtype=np.uint8)  # writable, like a job's records
+    pack_hsets(["k"], np.ones(1, dtype=np.int64), np.zeros(1, dtype=np.int64), values)
+
+
 def send_packed(
     client: redis.Redis,
     packed: Sequence[np.ndarray],
