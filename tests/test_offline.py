@@ -15,7 +15,7 @@ import scipy.sparse as sp
 
 from recfleet.offline import tuning
 from recfleet.offline.build import TRUTH_FILE, build_artifacts
-from recfleet.offline.candidates import build_candidates
+from recfleet.offline.candidates import build_candidates, drop_user_playlists
 from recfleet.offline.evaluate import expected_ranks, rank_metrics, split_holdout
 from recfleet.offline.pairing import nearest_neighbours
 from recfleet.offline.synthetic import SyntheticTruth, generate, preference
@@ -123,6 +123,19 @@ def test_validation_is_carved_from_training_rows_only() -> None:
         assert split.train[user, valid] == 1 and carved.train[user, valid] == 0
         assert valid != split.heldout[user]
     assert carved.train.nnz == split.train.nnz - 50
+
+
+def test_dropping_a_users_playlist_keeps_the_order_and_pads_again() -> None:
+    seen = [[0, 9], [1], [2]]
+    rows = [u for u, items in enumerate(seen) for _ in items]
+    cols = [p for items in seen for p in items]
+    matrix = sp.csr_matrix((np.ones(len(rows), np.float32), (rows, cols)), shape=(3, 12))
+    indptr, indices = np.array([0, 3, 6, 9]), np.array([5, 9, 4, 3, 4, 5, 6, 7, 8], np.int32)
+    popularity = np.arange(12)[::-1]  # playlist 0 is the most popular
+    new_indptr, new_indices = drop_user_playlists(
+        indptr, indices, np.array([9, -1, 3]), matrix, popularity, min_candidates=3
+    )
+    assert _rows(new_indptr, new_indices) == [[5, 4, 1], [3, 4, 5], [6, 7, 8]]
 
 
 def test_synthetic_truth_is_saved(built: tuple[Path, dict[str, Any]]) -> None:
