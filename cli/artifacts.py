@@ -66,11 +66,11 @@ def artifacts() -> None:
 )
 @click.option(
     "--candidates-from",
-    type=click.Choice(["validation", "train"]),
-    default="validation",
+    type=click.Choice(["train", "validation"]),
+    default="train",
     show_default=True,
-    help="ship the candidate lists validation ranked (minus each user's validation "
-    "playlist), or build them again from the whole training split (one more pairing)",
+    help="build the shipped candidate lists again from the whole training split (one more "
+    "pairing), or ship the lists validation ranked, minus each user's validation playlist",
 )
 def artifacts_build(
     out: Path,

@@ -17,7 +17,7 @@ from recfleet.offline import build, evaluate, tuning
 from recfleet.offline.build import TRUTH_FILE, build_artifacts, synthetic_splits
 from recfleet.offline.candidates import build_candidates, drop_user_playlists
 from recfleet.offline.evaluate import expected_ranks, rank_metrics, split_holdout
-from recfleet.offline.pairing import nearest_neighbours
+from recfleet.offline.pairing import Pairing, PairingConfig, candidates_of, nearest_neighbours
 from recfleet.offline.synthetic import SyntheticConfig, SyntheticTruth, generate, preference
 from recfleet.shared.artifacts import MANIFEST, load_artifacts
 from recfleet.shared.errors import ArtifactError
@@ -100,7 +100,7 @@ def test_manifest_records_the_prior_and_the_table_dtype_choice(
     recall = manifest["prior"]["validation_candidate_recall"]
     assert 0.3 < recall < 1.0
     assert max(m["hit@10"] for m in validation.values()) <= recall
-    assert manifest["candidates"]["from"] == "validation"
+    assert manifest["candidates"]["from"] == "train"
     metrics = manifest["metrics"]
     keeps = tuning.float16_keeps_quality(metrics["bpr"], metrics["bpr_float16"])
     assert manifest["playlist_dtype"]["dtype"] == ("float16" if keeps else "float32")
@@ -160,13 +160,13 @@ def test_validation_is_ranked_like_held_out_and_a_missing_target_misses() -> Non
 def test_validation_playlists_are_left_out_of_pairing_and_can_be_candidates(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    paired: list[tuple[sp.csr_matrix, np.ndarray, np.ndarray]] = []
+    paired: list[tuple[sp.csr_matrix, Pairing]] = []
     pair_users = build.pair_users
 
-    def recording_pair_users(matrix: sp.csr_matrix, *args: Any) -> Any:
-        indptr, indices, timings = pair_users(matrix, *args)
-        paired.append((matrix, indptr, indices))
-        return indptr, indices, timings
+    def recording_pair_users(matrix: sp.csr_matrix, *args: Any) -> Pairing:
+        pairing = pair_users(matrix, *args)
+        paired.append((matrix, pairing))
+        return pairing
 
     monkeypatch.setattr(build, "pair_users", recording_pair_users)
     size = {"n_users": 2000, "n_playlists": 500}
@@ -176,25 +176,36 @@ def test_validation_playlists_are_left_out_of_pairing_and_can_be_candidates(
     splits = synthetic_splits(**size, seed=0, config=SyntheticConfig())
     target = splits.validation.heldout
     users = np.flatnonzero(target >= 0)
-    (carved, c_indptr, c_indices), (whole, *_) = paired
+    [(carved, pairing)] = paired
+    c_indptr, c_indices = pairing.indptr, pairing.indices
     assert carved[users, target[users]].sum() == 0, "pairing saw the validation playlists"
     assert (carved != splits.validation.train).nnz == 0
-    assert (whole != splits.heldout.train).nnz == 0
     # Some validation targets are among their user's candidates, some are not: the
     # recorded ceiling is the one of the lists validation ranked.
     sample = evaluate.evaluation_users(target, tuning.VALIDATION_USERS, 0)
     recall = evaluate.candidate_recall(c_indptr, c_indices, sample, target)
     assert 0.3 < recall < 1.0
     assert manifest["prior"]["validation_candidate_recall"] == recall
+    # The shipped lists: the same neighbours' votes over the whole training split.
+    train = splits.heldout.train
+    whole = candidates_of(
+        train, pairing.neighbours, np.asarray(train.sum(axis=0)).ravel(), PairingConfig(), 1
+    )
     art = load_artifacts(tmp_path / "b")
-    assert np.array_equal(art.candidates_indptr, paired[1][1])
+    assert np.array_equal(art.candidates_indptr, whole[0])
+    assert np.array_equal(art.candidates_indices, whole[1])
     assert manifest["candidates"]["from"] == "train"
 
 
+@pytest.mark.parametrize("source", build.CANDIDATES_FROM)
 def test_shipped_candidates_hold_none_of_the_users_training_playlists(
-    built: tuple[Path, dict[str, Any]],
+    built: tuple[Path, dict[str, Any]], tmp_path: Path, source: str
 ) -> None:
-    art = load_artifacts(built[0])
+    directory = built[0]
+    if source != built[1]["candidates"]["from"]:
+        directory = tmp_path / source
+        build_artifacts(directory, seed=0, epochs=1, candidates_from=source, **SMALL)
+    art = load_artifacts(directory)
     shape = (SMALL["n_users"], SMALL["n_playlists"])
     lengths = np.diff(art.candidates_indptr)
     shipped = sp.csr_matrix(
