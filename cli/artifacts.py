@@ -69,8 +69,8 @@ def artifacts() -> None:
     type=click.Choice(["train", "validation"]),
     default="train",
     show_default=True,
-    help="build the shipped candidate lists again from the whole training split (one more "
-    "pairing), or ship the lists validation ranked, minus each user's validation playlist",
+    help="count the neighbours' votes for the shipped candidate lists again over the whole "
+    "training split, or ship the lists validation ranked, minus each user's validation playlist",
 )
 def artifacts_build(
     out: Path,
