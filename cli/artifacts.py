@@ -64,6 +64,14 @@ def artifacts() -> None:
     show_default="all cores",
     help="threads for all stages but the SVD (the same artifacts for any count)",
 )
+@click.option(
+    "--candidates-from",
+    type=click.Choice(["train", "validation"]),
+    default="train",
+    show_default=True,
+    help="count the neighbours' votes for the shipped candidate lists again over the whole "
+    "training split, or ship the lists validation ranked, minus each user's validation playlist",
+)
 def artifacts_build(
     out: Path,
     users: int,
@@ -72,6 +80,7 @@ def artifacts_build(
     feedback: Path | None,
     shards: int | None,
     threads: int,
+    candidates_from: str,
 ) -> None:
     """Generate interactions, pair users, train BPR and write a versioned artifact directory
     (with ``--shards N``, split by user-id range as ``recfleet artifacts shard`` does).
@@ -91,6 +100,7 @@ def artifacts_build(
             "seed": seed,
             "feedback": feedback,
             "threads": threads,
+            "candidates_from": candidates_from,
             "listener": _StageDisplay(progress),
         }
         if shards is None:

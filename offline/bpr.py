@@ -39,11 +39,11 @@ class BPRConfig:
     epochs: int | None = None
     batch_size: int = 2048
     lr: float = 0.05
-    # 1e-3 ranks the validation split better (hit@10 at 200 000 users 0.199 against 0.196,
+    # 1e-3 ranked the validation split better (hit@10 at 200 000 users 0.199 against 0.196,
     # at 1 M 0.219 against 0.181) but the held-out split worse at 1 M (0.078 against 0.104;
-    # 0.179 against 0.172 at 200 000), so it is not chosen on validation. Likely why: a
-    # validation playlist is never a candidate negative (candidate lists leave out the
-    # training split's playlists, validation ones included), a held-out one can be.
+    # 0.179 against 0.172 at 200 000). That validation split was carved after the
+    # candidate lists were built, so a validation playlist was never a candidate negative
+    # while a held-out one can be; validation now mirrors held-out, not yet re-measured.
     reg: float = 1e-2
     init_std: float = 0.01
     candidate_negatives: float = 0.25

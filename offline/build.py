@@ -7,8 +7,12 @@ machine; BLAS may round differently elsewhere) except ``created_at`` and the tim
 
 User and playlist ids are identity ranges (row ``i`` is id ``i``), so feedback triplets
 name rows directly. The training split holds out one interaction per user for the
-metrics; the artifacts are trained on the rest (the held-out ones are not candidates'
-"seen" playlists, so they stay reachable).
+metrics (the held-out ones are not candidates' "seen" playlists, so they stay
+reachable), and one more per user for validation, which chooses the popularity prior's
+weight. Validation mirrors the held-out split: the candidate lists it ranks and BPR
+are built from the training matrix without the validation playlists, as the held-out
+metrics' lists are built without the held-out ones. The shipped candidate lists count
+the same neighbours' votes over the whole training split (see ``CANDIDATES_FROM``).
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -35,8 +39,8 @@ from threadpoolctl import threadpool_limits
 
 from recfleet.offline import evaluate, tuning
 from recfleet.offline.bpr import BPRConfig, Feedback, TrainingData, load_feedback, train_bpr
-from recfleet.offline.candidates import popularity_rank
-from recfleet.offline.pairing import PairingConfig, pair_users
+from recfleet.offline.candidates import drop_user_playlists, popularity_rank
+from recfleet.offline.pairing import Pairing, PairingConfig, candidates_of, pair_users
 from recfleet.offline.publish import move_into_place, set_usual_modes
 from recfleet.offline.synthetic import SyntheticConfig, SyntheticTruth, generate
 from recfleet.shared.artifacts import (
@@ -52,6 +56,13 @@ logger = logging.getLogger("offline")
 TRUTH_FILE = "synthetic_truth.npz"
 N_FALLBACK = 100
 MAX_EVAL_USERS = 100_000
+# Which training matrix the shipped candidate lists come from: "train" (the default)
+# counts the neighbours' votes again over the whole training matrix (the neighbours are
+# the ones found without the validation playlists); "validation" ships the lists built
+# without the validation playlists (the ones validation ranked and BPR drew negatives
+# from), minus each user's validation playlist: no second count, lower held-out hit@10
+# (docs/performance.md).
+CANDIDATES_FROM = ("train", "validation")
 
 
 # Told when a stage starts (seconds None) and when it ends (its seconds).
@@ -127,16 +138,50 @@ def _write_arrays(
         np.save(tmp / name, arrays[key], allow_pickle=False)
 
 
-def _synthetic_split(
-    n_users: int, n_playlists: int, seed: int, config: SyntheticConfig
-) -> tuple[SyntheticTruth, evaluate.Split, int]:
-    """Ground truth, the train/held-out split of its interactions, and their count."""
+@dataclass(frozen=True)
+class Splits:
+    """The synthetic data's truth and splits: ``heldout`` for the metrics, ``validation``
+    carved from ``heldout.train`` for choosing β (its ``train`` is what BPR and the
+    validation candidate lists are built from)."""
+
+    truth: SyntheticTruth
+    heldout: evaluate.Split
+    validation: evaluate.Split
+    n_interactions: int
+
+
+def synthetic_splits(n_users: int, n_playlists: int, seed: int, config: SyntheticConfig) -> Splits:
+    """Generate the interactions, hold one per user out, and carve validation from the rest."""
     interactions, truth = generate(n_users, n_playlists, seed, config)
     rng = np.random.default_rng([seed, 1])
     split = evaluate.split_holdout(
         interactions.users, interactions.playlists, (n_users, n_playlists), rng
     )
-    return truth, split, len(interactions.users)
+    carved = tuning.carve_validation(split, seed)
+    return Splits(truth, split, carved, len(interactions.users))
+
+
+def _counts(matrix: sp.csr_matrix) -> np.ndarray:
+    """Interactions per playlist of a training matrix."""
+    return np.bincount(matrix.indices, minlength=matrix.shape[1])
+
+
+def _pair(
+    clock: _Stopwatch,
+    matrix: sp.csr_matrix,
+    seed: int,
+    config: PairingConfig,
+    threads: int,
+) -> Pairing:
+    """Neighbours and candidate lists of ``matrix``'s users, timed with their steps."""
+    # torch and BLAS stay on one thread here: on the shared 2-core machine two threads
+    # inside each op made the kNN 5x and the SVD 3x slower (many small ops, a thread team
+    # each). The kNN's cells and the candidate blocks run on ``threads`` threads instead.
+    with clock.stage("pairing"), _math_threads(1):
+        pairing = pair_users(matrix, _counts(matrix), seed, config, threads)
+    for name, seconds in pairing.timings.items():
+        clock.add(name, seconds)
+    return pairing
 
 
 def _train(
@@ -162,19 +207,20 @@ def _train(
 
 def _fit(
     clock: _Stopwatch,
-    split: evaluate.Split,
+    splits: Splits,
     candidates: tuple[np.ndarray, np.ndarray],
     feedback: Feedback,
     config: BPRConfig,
     seed: int,
     threads: int,
 ) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray], dict[str, Any]]:
-    """BPR on the training split minus a validation split, then β chosen on validation.
+    """BPR on the training split minus validation, then β chosen on validation.
 
-    Returns the embeddings with the prior dimension (when β > 0), the embeddings without
-    it, and the manifest's record of the training and of the choice.
+    ``candidates`` are built from that smaller matrix. Returns the embeddings with the
+    prior dimension (when β > 0), the embeddings without it, and the manifest's record of
+    the training and of the choice.
     """
-    carved = tuning.carve_validation(split, seed)
+    carved = splits.validation
     # The SGD steps run on ``threads`` threads in the compiled kernel; torch, which only
     # draws the negatives here, stays on one (its small ops do not pay for a thread team).
     with clock.stage("bpr"), _math_threads(1):
@@ -182,12 +228,42 @@ def _fit(
             carved.train, candidates, feedback.triplets, config, seed, threads
         )
     with clock.stage("tune"):
-        seen = np.bincount(carved.train.indices, minlength=carved.train.shape[1])
+        seen = _counts(carved.train)
         choice = tuning.choose_beta(user_emb, playlist_emb, seen, candidates, carved.heldout, seed)
-    popularity = np.bincount(split.train.indices, minlength=split.train.shape[1])
-    final = tuning.with_prior(user_emb, playlist_emb, popularity, choice.beta)
-    record = {"training": stats, "prior": {"beta": choice.beta, "validation": choice.validation}}
-    return final, (user_emb, playlist_emb), record
+    final = tuning.with_prior(user_emb, playlist_emb, _counts(splits.heldout.train), choice.beta)
+    prior = {
+        "beta": choice.beta,
+        "validation": choice.validation,
+        "validation_candidate_recall": choice.candidate_recall,
+        "validation_users": choice.validation_users,
+    }
+    return final, (user_emb, playlist_emb), {"training": stats, "prior": prior}
+
+
+def _shipped_candidates(
+    clock: _Stopwatch,
+    splits: Splits,
+    pairing: Pairing,
+    candidates_from: str,
+    config: PairingConfig,
+    threads: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The candidate lists written to the artifacts (see ``CANDIDATES_FROM``)."""
+    train = splits.heldout.train
+    if candidates_from == "train":
+        # The neighbours found without the validation playlists (as BPR was trained),
+        # their votes counted over the whole training split.
+        with clock.stage("candidates_train"):
+            return candidates_of(train, pairing.neighbours, _counts(train), config, threads)
+    with clock.stage("candidates_drop_validation"):
+        return drop_user_playlists(
+            pairing.indptr,
+            pairing.indices,
+            splits.validation.heldout,
+            train,
+            _counts(train),
+            config.min_candidates,
+        )
 
 
 def _evaluate(
@@ -199,7 +275,7 @@ def _evaluate(
     seed: int,
 ) -> tuple[dict[str, Any], bool]:
     """Held-out metrics (final model, without the prior, float16 table) and the dtype call."""
-    popularity = np.bincount(split.train.indices, minlength=split.train.shape[1])
+    popularity = _counts(split.train)
     half = embeddings[1].astype(np.float16)
     scorers = {
         "bpr": evaluate.bpr_scorer(*embeddings),
@@ -223,40 +299,38 @@ def _build_into(
     bpr_cfg: BPRConfig,
     feedback: Feedback,
     threads: int,
+    candidates_from: str,
     listener: StageListener | None,
 ) -> dict[str, Any]:
     """Every stage, writing into ``tmp``; returns the manifest (without checksums)."""
     clock = _Stopwatch(listener)
     synth_cfg, pair_cfg = SyntheticConfig(), PairingConfig()
     with clock.stage("synthetic"):
-        truth, split, n_interactions = _synthetic_split(n_users, n_playlists, seed, synth_cfg)
-        popularity = np.bincount(split.train.indices, minlength=n_playlists)
-    # torch and BLAS stay on one thread here: on the shared 2-core machine two threads
-    # inside each op made the kNN 5x and the SVD 3x slower (many small ops, a thread team
-    # each). The kNN's cells and the candidate blocks run on ``threads`` threads instead.
-    with clock.stage("pairing"), _math_threads(1):
-        indptr, indices, pair_timings = pair_users(split.train, popularity, seed, pair_cfg, threads)
-    for name, seconds in pair_timings.items():
-        clock.add(name, seconds)
-    candidates = (indptr, indices)
+        splits = synthetic_splits(n_users, n_playlists, seed, synth_cfg)
+        split, popularity = splits.heldout, _counts(splits.heldout.train)
+    # Built without the validation playlists: validation ranks these lists as the
+    # held-out metrics rank theirs, and BPR draws its candidate negatives from them.
+    pairing = _pair(clock, splits.validation.train, seed, pair_cfg, threads)
     (user_emb, playlist_emb), without_prior, record = _fit(
-        clock, split, candidates, feedback, bpr_cfg, seed, threads
+        clock, splits, (pairing.indptr, pairing.indices), feedback, bpr_cfg, seed, threads
     )
+    candidates = _shipped_candidates(clock, splits, pairing, candidates_from, pair_cfg, threads)
     with clock.stage("evaluate"):
         metrics, keep_half = _evaluate(
-            split, candidates, truth, (user_emb, playlist_emb), without_prior, seed
+            split, candidates, splits.truth, (user_emb, playlist_emb), without_prior, seed
         )
     logger.info("metrics: %s", json.dumps(metrics))
     table = playlist_emb.astype(np.float16) if keep_half else playlist_emb
     with clock.stage("write"):
         _write_arrays(tmp, user_emb, table, candidates, popularity)
-        truth.save(tmp / TRUTH_FILE)
+        splits.truth.save(tmp / TRUTH_FILE)
     params = {
         "seed": seed,
         "synthetic": asdict(synth_cfg),
         "pairing": asdict(pair_cfg),
         "bpr": asdict(bpr_cfg),
         "prior": {"betas": list(tuning.BETAS), "validation_users": tuning.VALIDATION_USERS},
+        "candidates": {"from": candidates_from},
         "feedback": {"triplets": len(feedback.triplets), "sha256": feedback.sha256},
     }
     sizes = {"n_users": n_users, "n_playlists": n_playlists, "dim": int(user_emb.shape[1])}
@@ -265,10 +339,16 @@ def _build_into(
         **sizes,
         "model_version": _model_version({**params, **sizes}, created),
         "created_at": created.isoformat(timespec="seconds"),
-        "n_interactions": n_interactions,
+        "n_interactions": splits.n_interactions,
         "params": params,
         "threads": threads,  # not a parameter: the artifacts are the same for any count
         **record,
+        "candidates": {
+            "from": candidates_from,
+            "matrix": "training split (neighbours found without validation)"
+            if candidates_from == "train"
+            else "training split minus validation, each user's validation playlist dropped",
+        },
         "playlist_dtype": {
             "dtype": str(table.dtype),
             "float16_tolerance": tuning.FLOAT16_TOLERANCE,
@@ -291,6 +371,7 @@ def build_artifacts(
     epochs: int | None = None,
     feedback: Path | None = None,
     threads: int | None = None,
+    candidates_from: str = CANDIDATES_FROM[0],
     listener: StageListener | None = None,
 ) -> dict[str, Any]:
     """Build a complete, verified artifact directory at ``out`` and return its manifest.
@@ -298,9 +379,12 @@ def build_artifacts(
     ``threads`` (default: every core) is how many threads the kNN, candidate, BPR,
     tuning and evaluation stages use (the SVD runs on one, see ``_build_into``); the
     result is deterministic for a seed and the same whatever the thread count.
-    ``listener`` is told when each stage starts and ends (for a progress display).
+    ``candidates_from`` picks the matrix the shipped candidate lists come from
+    (``CANDIDATES_FROM``). ``listener`` is told when each stage starts and ends (for a
+    progress display).
 
-    Raises ValueError for sizes below 2 users / 2 playlists / dim 1 or unusable feedback,
+    Raises ValueError for sizes below 2 users / 2 playlists / dim 1, an unknown
+    ``candidates_from`` or unusable feedback,
     FileExistsError if ``out`` is something other than an artifact directory, and
     ArtifactError if the written directory fails ``load_artifacts`` (nothing is moved then).
     """
@@ -310,6 +394,8 @@ def build_artifacts(
             f"need ≥2 users, ≥2 playlists, dim ≥1, threads ≥1; "
             f"got {n_users}, {n_playlists}, {dim}, {threads}"
         )
+    if candidates_from not in CANDIDATES_FROM:
+        raise ValueError(f"candidates_from must be one of {CANDIDATES_FROM}: {candidates_from!r}")
     out = Path(out)
     triplets = load_feedback(feedback, n_users, n_playlists)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -322,7 +408,15 @@ def build_artifacts(
         with _math_threads(threads):
             bpr_cfg = BPRConfig(dim=dim, epochs=epochs)
             manifest = _build_into(
-                tmp, n_users, n_playlists, seed, bpr_cfg, triplets, threads, listener
+                tmp,
+                n_users,
+                n_playlists,
+                seed,
+                bpr_cfg,
+                triplets,
+                threads,
+                candidates_from,
+                listener,
             )
         manifest["timings"]["total"] = round(time.perf_counter() - start, 3)
         manifest = write_manifest(tmp, manifest)

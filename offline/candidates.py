@@ -133,3 +133,44 @@ def build_candidates(
     np.cumsum(lengths, out=indptr[1:])
     ranks = top[np.arange(max_candidates)[None, :] < lengths[:, None]]
     return _pad_short_rows(indptr, by_rank[ranks].astype(np.int32), matrix, by_rank, min_candidates)
+
+
+@numba.njit(cache=True, nogil=True, boundscheck=False)
+def _drop_one_per_row(indptr, indices, drop, out_indptr, out_indices):
+    kept = 0
+    for row in range(len(indptr) - 1):
+        for c in range(indptr[row], indptr[row + 1]):
+            if indices[c] != drop[row]:
+                out_indices[kept] = indices[c]
+                kept += 1
+        out_indptr[row + 1] = kept
+    return kept
+
+
+def drop_user_playlists(
+    indptr: np.ndarray,
+    indices: np.ndarray,
+    playlist_of_user: np.ndarray,
+    matrix: sp.csr_matrix,
+    popularity: np.ndarray,
+    min_candidates: int = 20,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Candidate CSR without ``playlist_of_user[user]`` in each row (-1: none), re-padded.
+
+    For lists built from a matrix that lacked one interaction per user (the validation
+    split): that playlist is the user's own and must not be shipped as a candidate.
+    ``matrix`` is the full training matrix; rows left shorter than ``min_candidates`` are
+    padded with popular playlists it does not hold for the user, as ``build_candidates``
+    pads. The order of the remaining candidates is kept.
+    """
+    new_indptr = np.zeros(len(indptr), dtype=np.int64)
+    new_indices = np.empty(len(indices), dtype=np.int32)
+    kept = _drop_one_per_row(
+        indptr.astype(np.int64),
+        indices.astype(np.int32),
+        playlist_of_user.astype(np.int32),
+        new_indptr,
+        new_indices,
+    )
+    by_rank = popularity_rank(popularity)
+    return _pad_short_rows(new_indptr, new_indices[:kept], matrix, by_rank, min_candidates)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 import scipy.sparse as sp
@@ -27,6 +28,7 @@ HIT_AT = (1, 5, 10)
 
 # (user rows [B], candidate playlist rows [B, L]) -> scores [B, L]
 Scorer = Callable[[np.ndarray, np.ndarray], np.ndarray]
+K = TypeVar("K")
 
 
 @dataclass(frozen=True)
@@ -82,6 +84,36 @@ def padded_candidates(
     return np.where(mask, indices[positions], 0), mask
 
 
+def expected_ranks_each(
+    score_sets: Callable[[np.ndarray, np.ndarray], dict[K, np.ndarray]],
+    indptr: np.ndarray,
+    indices: np.ndarray,
+    users: np.ndarray,
+    heldout: np.ndarray,
+    chunk: int = 4096,
+) -> dict[K, np.ndarray]:
+    """``expected_ranks`` for several scorings of the same lists, one rank array per key.
+
+    ``score_sets`` is called like a ``Scorer`` and returns one score array per key, so
+    scorings that share work (one ``u·p`` plus several priors) compute it once per chunk.
+    A key appears once ``score_sets`` has named it (none when ``users`` is empty).
+    """
+    ranks: dict[K, np.ndarray] = {}
+    for begin in range(0, len(users), chunk):
+        batch = users[begin : begin + chunk]
+        cands, mask = padded_candidates(indptr, indices, batch)
+        target = heldout[batch]
+        present = ((cands == target[:, None]) & mask).any(axis=1)
+        rows = np.concatenate([cands, target[:, None]], axis=1)
+        for key, scores in score_sets(batch, rows).items():
+            cand_scores, target_score = scores[:, :-1], scores[:, -1:]
+            above = ((cand_scores > target_score) & mask).sum(axis=1)
+            ties = ((cand_scores == target_score) & mask).sum(axis=1) - 1  # minus the target
+            out = ranks.setdefault(key, np.full(len(users), np.inf))
+            out[begin : begin + len(batch)] = np.where(present, above + 0.5 * ties, np.inf)
+    return ranks
+
+
 def expected_ranks(
     scorer: Scorer,
     indptr: np.ndarray,
@@ -91,18 +123,10 @@ def expected_ranks(
     chunk: int = 4096,
 ) -> np.ndarray:
     """0-based rank of each user's held-out playlist in their candidates; inf when absent."""
-    ranks = np.full(len(users), np.inf)
-    for begin in range(0, len(users), chunk):
-        batch = users[begin : begin + chunk]
-        cands, mask = padded_candidates(indptr, indices, batch)
-        target = heldout[batch]
-        present = ((cands == target[:, None]) & mask).any(axis=1)
-        scores = scorer(batch, np.concatenate([cands, target[:, None]], axis=1))
-        cand_scores, target_score = scores[:, :-1], scores[:, -1:]
-        above = ((cand_scores > target_score) & mask).sum(axis=1)
-        ties = ((cand_scores == target_score) & mask).sum(axis=1) - 1  # minus the target
-        ranks[begin : begin + chunk] = np.where(present, above + 0.5 * ties, np.inf)
-    return ranks
+    ranks = expected_ranks_each(
+        lambda batch, rows: {"": scorer(batch, rows)}, indptr, indices, users, heldout, chunk
+    )
+    return ranks.get("", np.full(len(users), np.inf))
 
 
 def rank_metrics(ranks: np.ndarray) -> dict[str, float]:

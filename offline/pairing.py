@@ -181,10 +181,21 @@ def nearest_neighbours(
     return result
 
 
+@dataclass(frozen=True)
+class Pairing:
+    """Each user's neighbours (int32 [n_users, k], -1 pads), the candidate CSR built from
+    their playlists, and the seconds of each step."""
+
+    neighbours: np.ndarray
+    indptr: np.ndarray
+    indices: np.ndarray
+    timings: dict[str, float]
+
+
 def pair_users(
     matrix: sp.csr_matrix, popularity: np.ndarray, seed: int, config: PairingConfig, threads: int
-) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
-    """Candidate CSR (indptr, indices) for every user row, and seconds per step.
+) -> Pairing:
+    """Neighbours and candidate lists for every user row of ``matrix``.
 
     Raises ValueError for an empty matrix.
     """
@@ -207,7 +218,21 @@ def pair_users(
         threads=threads,
     )
     lap("pairing_knn")
-    indptr, indices = build_candidates(
+    indptr, indices = candidates_of(matrix, neighbours, popularity, config, threads)
+    lap("pairing_candidates")
+    return Pairing(neighbours, indptr, indices, timings)
+
+
+def candidates_of(
+    matrix: sp.csr_matrix,
+    neighbours: np.ndarray,
+    popularity: np.ndarray,
+    config: PairingConfig,
+    threads: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The candidate CSR of ``matrix``'s users from their ``neighbours``' playlists in it
+    (``build_candidates`` with the configured list lengths)."""
+    return build_candidates(
         matrix,
         neighbours,
         popularity,
@@ -215,5 +240,3 @@ def pair_users(
         max_candidates=config.max_candidates,
         threads=threads,
     )
-    lap("pairing_candidates")
-    return indptr, indices, timings

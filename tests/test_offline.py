@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from recfleet.offline import tuning
-from recfleet.offline.build import TRUTH_FILE, build_artifacts
-from recfleet.offline.candidates import build_candidates
+from recfleet.offline import build, evaluate, tuning
+from recfleet.offline.build import TRUTH_FILE, build_artifacts, synthetic_splits
+from recfleet.offline.candidates import build_candidates, drop_user_playlists
 from recfleet.offline.evaluate import expected_ranks, rank_metrics, split_holdout
-from recfleet.offline.pairing import nearest_neighbours
-from recfleet.offline.synthetic import SyntheticTruth, generate, preference
+from recfleet.offline.pairing import Pairing, PairingConfig, candidates_of, nearest_neighbours
+from recfleet.offline.synthetic import SyntheticConfig, SyntheticTruth, generate, preference
 from recfleet.shared.artifacts import MANIFEST, load_artifacts
 from recfleet.shared.errors import ArtifactError
 
@@ -96,6 +96,11 @@ def test_manifest_records_the_prior_and_the_table_dtype_choice(
     validation = manifest["prior"]["validation"]
     assert set(validation) == {f"{b:g}" for b in tuning.BETAS}
     assert min(m["hit@10"] for m in validation.values()) > 0.05  # targets really ranked
+    # Validation has a candidate-recall ceiling, as held-out does: no target is forced in.
+    recall = manifest["prior"]["validation_candidate_recall"]
+    assert 0.3 < recall < 1.0
+    assert max(m["hit@10"] for m in validation.values()) <= recall
+    assert manifest["candidates"]["from"] == "train"
     metrics = manifest["metrics"]
     keeps = tuning.float16_keeps_quality(metrics["bpr"], metrics["bpr_float16"])
     assert manifest["playlist_dtype"]["dtype"] == ("float16" if keeps else "float32")
@@ -123,6 +128,106 @@ def test_validation_is_carved_from_training_rows_only() -> None:
         assert split.train[user, valid] == 1 and carved.train[user, valid] == 0
         assert valid != split.heldout[user]
     assert carved.train.nnz == split.train.nnz - 50
+
+
+def test_validation_is_ranked_like_held_out_and_a_missing_target_misses() -> None:
+    rng = np.random.default_rng(1)
+    users = rng.standard_normal((3, 4)).astype(np.float32)
+    playlists = rng.standard_normal((8, 4)).astype(np.float32)
+    popularity = np.array([50, 1, 7, 0, 3, 20, 2, 9])
+    indptr, indices = np.array([0, 3, 6, 8]), np.array([1, 2, 3, 4, 5, 6, 0, 7])
+    targets = np.array([2, 0, 7])  # user 1's target is not among its candidates
+    betas = (0.0, 0.5)
+    ranks = tuning.validation_ranks(
+        users, playlists, popularity, (indptr, indices), np.arange(3), targets, betas
+    )
+    prior = np.log1p(popularity).astype(np.float32)
+    dot = evaluate.bpr_scorer(users, playlists)
+    for beta in betas:
+
+        def scorer(u: np.ndarray, c: np.ndarray, beta: float = beta) -> np.ndarray:
+            return dot(u, c) + np.float32(beta) * prior[c]
+
+        held_out_way = expected_ranks(scorer, indptr, indices, np.arange(3), targets)
+        np.testing.assert_array_equal(ranks[beta], held_out_way)
+        assert np.isfinite(ranks[beta][[0, 2]]).all() and np.isinf(ranks[beta][1])
+    assert rank_metrics(ranks[0.0])["hit@10"] == pytest.approx(2 / 3, abs=1e-4)
+    choice = tuning.choose_beta(users, playlists, popularity, (indptr, indices), targets, 0, betas)
+    assert choice.candidate_recall == pytest.approx(2 / 3, abs=1e-4)
+    assert all(m["hit@10"] <= choice.candidate_recall for m in choice.validation.values())
+
+
+def test_validation_playlists_are_left_out_of_pairing_and_can_be_candidates(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    paired: list[tuple[sp.csr_matrix, Pairing]] = []
+    pair_users = build.pair_users
+
+    def recording_pair_users(matrix: sp.csr_matrix, *args: Any) -> Pairing:
+        pairing = pair_users(matrix, *args)
+        paired.append((matrix, pairing))
+        return pairing
+
+    monkeypatch.setattr(build, "pair_users", recording_pair_users)
+    size = {"n_users": 2000, "n_playlists": 500}
+    manifest = build_artifacts(
+        tmp_path / "b", seed=0, epochs=1, candidates_from="train", threads=1, **size
+    )
+    splits = synthetic_splits(**size, seed=0, config=SyntheticConfig())
+    target = splits.validation.heldout
+    users = np.flatnonzero(target >= 0)
+    [(carved, pairing)] = paired
+    c_indptr, c_indices = pairing.indptr, pairing.indices
+    assert carved[users, target[users]].sum() == 0, "pairing saw the validation playlists"
+    assert (carved != splits.validation.train).nnz == 0
+    # Some validation targets are among their user's candidates, some are not: the
+    # recorded ceiling is the one of the lists validation ranked.
+    sample = evaluate.evaluation_users(target, tuning.VALIDATION_USERS, 0)
+    recall = evaluate.candidate_recall(c_indptr, c_indices, sample, target)
+    assert 0.3 < recall < 1.0
+    assert manifest["prior"]["validation_candidate_recall"] == recall
+    # The shipped lists: the same neighbours' votes over the whole training split.
+    train = splits.heldout.train
+    whole = candidates_of(
+        train, pairing.neighbours, np.asarray(train.sum(axis=0)).ravel(), PairingConfig(), 1
+    )
+    art = load_artifacts(tmp_path / "b")
+    assert np.array_equal(art.candidates_indptr, whole[0])
+    assert np.array_equal(art.candidates_indices, whole[1])
+    assert manifest["candidates"]["from"] == "train"
+
+
+@pytest.mark.parametrize("source", build.CANDIDATES_FROM)
+def test_shipped_candidates_hold_none_of_the_users_training_playlists(
+    built: tuple[Path, dict[str, Any]], tmp_path: Path, source: str
+) -> None:
+    directory = built[0]
+    if source != built[1]["candidates"]["from"]:
+        directory = tmp_path / source
+        build_artifacts(directory, seed=0, epochs=1, candidates_from=source, **SMALL)
+    art = load_artifacts(directory)
+    shape = (SMALL["n_users"], SMALL["n_playlists"])
+    lengths = np.diff(art.candidates_indptr)
+    shipped = sp.csr_matrix(
+        (np.ones(len(art.candidates_indices)), art.candidates_indices, art.candidates_indptr),
+        shape=shape,
+    )
+    splits = synthetic_splits(*shape, seed=0, config=SyntheticConfig())
+    assert shipped.multiply(splits.heldout.train).nnz == 0
+    assert lengths.min() >= 20
+
+
+def test_dropping_a_users_playlist_keeps_the_order_and_pads_again() -> None:
+    seen = [[0, 9], [1], [2]]
+    rows = [u for u, items in enumerate(seen) for _ in items]
+    cols = [p for items in seen for p in items]
+    matrix = sp.csr_matrix((np.ones(len(rows), np.float32), (rows, cols)), shape=(3, 12))
+    indptr, indices = np.array([0, 3, 6, 9]), np.array([5, 9, 4, 3, 4, 5, 6, 7, 8], np.int32)
+    popularity = np.arange(12)[::-1]  # playlist 0 is the most popular
+    new_indptr, new_indices = drop_user_playlists(
+        indptr, indices, np.array([9, -1, 3]), matrix, popularity, min_candidates=3
+    )
+    assert _rows(new_indptr, new_indices) == [[5, 4, 1], [3, 4, 5], [6, 7, 8]]
 
 
 def test_synthetic_truth_is_saved(built: tuple[Path, dict[str, Any]]) -> None:
