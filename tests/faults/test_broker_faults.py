@@ -219,11 +219,13 @@ def test_network_cut_and_black_hole_between_worker_and_broker(
     with Fleet(fault_settings, tmp_path, worker_settings=workers) as fleet:
         fleet.start_gateway()
         fleet.start_workers()
-        batches = submit_batches(fleet.base_url, 30)
+        batches = submit_batches(fleet.base_url, 60)
         cut = 0
         for at in (0.1, 0.35):
             wait_fraction(fault_settings, list(batches), at)
             cut += proxy.cut()
+            # The next fault must find the workers connected again, however fast they are.
+            wait_until(lambda: proxy.links() >= 2, 30, "both workers to reconnect")
         # A black hole: the sockets stay open, nothing gets through; only heartbeats tell.
         wait_fraction(fault_settings, list(batches), 0.6)
         holed = proxy.black_hole()

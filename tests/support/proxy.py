@@ -75,6 +75,13 @@ class TcpProxy:
         self._links.clear()
         return len(links)
 
+    def links(self) -> int:
+        """How many connections are open through the proxy."""
+        return self._call(self._count())
+
+    async def _count(self) -> int:
+        return len(self._links)
+
     def black_hole(self) -> int:
         """Swallow the open connections; returns how many."""
         return self._call(self._black_hole())
