@@ -82,7 +82,7 @@ if redis.call('HGET', KEYS[1], 'sealed') == '1' then
 end
 return 1
 """
-COUNTED, COMPLETED = 1, 2
+ALREADY_COUNTED, COUNTED, COMPLETED = 0, 1, 2
 
 # Append users to an open batch: reserve job indices and count users, atomically; the
 # ledger, kept briefly while empty, now lives as long as any ledger.

@@ -553,7 +553,7 @@ async def test_a_job_that_fails_in_any_way_is_dead_lettered_and_counted(
     def encoder_refuses(job: object, **_: object) -> None:
         raise OverflowError("int too big to convert")  # what the result encoder raised
 
-    monkeypatch.setattr(running_consumer.handler, "handle", encoder_refuses)
+    monkeypatch.setattr(running_consumer.handler, "start", encoder_refuses)
     accepted = await fleet_api.post(SUBMIT, json={"user_ids": [1, 2, 3]})
     assert accepted.status_code == 202
     batch = f"/api/batches/{accepted.json()['batch_id']}"

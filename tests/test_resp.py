@@ -13,11 +13,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from redis.connection import Connection
 
+from recfleet.shared.errors import TransientError
 from recfleet.shared.keys import Keys
 from recfleet.shared.ledger import new_batch_fields
 from recfleet.shared.messages import Job, make_jobs
 from recfleet.shared.settings import Settings
-from recfleet.worker.handler import JobHandler
+from recfleet.worker.handler import JobHandler, PendingJob
 from recfleet.worker.models import ModelStore
 from recfleet.worker.resp import pack_hsets, send_packed
 
@@ -94,17 +95,39 @@ def test_sent_commands_apply_and_an_error_reply_leaves_the_connection_in_step(
 
 
 def _handled(
-    settings: Settings, jobs: list[Job], *, packed: bool, flush_scripts: bool = False
+    settings: Settings,
+    jobs: list[Job],
+    *,
+    packed: bool,
+    flush_scripts: bool = False,
+    overlapped: bool = False,
 ) -> dict:  # type: ignore[type-arg]
+    """Redis's state after handling ``jobs`` (times of day left out). ``overlapped``: as
+    the consumer does, each job is started before the previous one is finished, and the
+    replies of every other job are lost once (the connection drops) before ``finish``."""
     client = redis.Redis.from_url(str(settings.redis_url))
     models = ModelStore(settings.artifacts, k=settings.top_k)
     handler = JobHandler(settings, models, client, packed_writes=packed)
     keys = Keys(settings.redis_prefix)
-    client.hset(keys.batch("b1"), mapping=new_batch_fields(len(jobs), 1503, run=True))
-    for job in jobs:
+    users = sum(len(job.user_ids) for job in jobs)
+    client.hset(keys.batch("b1"), mapping=new_batch_fields(len(jobs), users, run=True))
+    held: PendingJob | None = None
+    for i, job in enumerate(jobs):
         if flush_scripts:  # as after a Redis restart: the worker must load them again
             client.script_flush()
-        handler.handle(job)
+        if not overlapped:
+            handler.handle(job)
+            continue
+        pending = handler.start(job)
+        if held is not None:
+            handler.finish(held)
+        held = pending
+        if i % 2 == 0:
+            client.connection_pool.disconnect(inuse_connections=True)
+            with pytest.raises(TransientError):
+                handler.finish(held)
+    if held is not None:
+        handler.finish(held)
     snapshot = _snapshot(client, settings.redis_prefix)
     client.close()
     out = {}
@@ -117,19 +140,23 @@ def _handled(
 
 def test_packed_writes_store_what_the_pipeline_stores(fleet_settings: Settings) -> None:
     runs = {
-        packed: fleet_settings.isolated(f"{fleet_settings.redis_prefix}-{packed}")
-        for packed in (False, True)
+        mode: fleet_settings.isolated(f"{fleet_settings.redis_prefix}-{mode}")
+        for mode in ("pipelined", "packed", "overlapped")
     }
     jobs = make_jobs("b1", [*range(0, 900), *range(5000, 5600), 10**12, 3, 3], 1000)
+    more = make_jobs("b1", list(range(9000, 14000)), 1000, first_index=len(jobs))
     try:
-        pipelined = _handled(runs[False], jobs, packed=False)
-        packed = _handled(runs[True], jobs, packed=True, flush_scripts=True)
+        pipelined = _handled(runs["pipelined"], jobs + more, packed=False)
+        packed = _handled(runs["packed"], jobs + more, packed=True, flush_scripts=True)
+        overlapped = _handled(runs["overlapped"], jobs + more, packed=True, overlapped=True)
     finally:
         for s in runs.values():
             purge(s)
     assert packed == pipelined
+    # Replies read a job later, or lost and the write sent again: the same state.
+    assert overlapped == pipelined
     results = [k for k in packed if k.startswith(b"P:r:b1:")]
-    assert len(results) > 2 and sum(len(packed[k]) for k in results) == 1501  # type: ignore[arg-type]
+    assert len(results) > 2 and sum(len(packed[k]) for k in results) == 6501  # type: ignore[arg-type]
 
 
 _FIRST_JOB = """
@@ -138,7 +165,7 @@ from recfleet.shared.messages import make_jobs
 from recfleet.shared.redis import redis_client
 from recfleet.shared.settings import Settings
 from recfleet.worker import resp, topk_kernel
-from recfleet.worker.handler import JobHandler
+from recfleet.worker.handler import JobHandler, PendingJob
 from recfleet.worker.models import ModelStore
 
 settings = Settings()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 
 import numpy as np
@@ -17,6 +18,7 @@ from recfleet.shared.settings import Settings
 from recfleet.shared.topology import HEADER_BATCH_ID, HEADER_USERS, declare_blocking, topology
 from recfleet.worker.consumer import Consumer
 from recfleet.worker.handler import JobHandler
+from recfleet.worker.lanes import BATCH, PriorityLane
 from recfleet.worker.ranking import Ranker
 
 
@@ -172,3 +174,25 @@ def test_worker_http_probes_tell_consuming_from_alive(running_consumer: Consumer
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_the_lane_settles_held_work_when_nothing_is_queued_and_before_it_stops() -> None:
+    """The consumer confirms a job's write after ranking the next one, or, through the
+    lane's idle hook, as soon as no job waits: the hook runs while the lane still counts
+    itself busy (so a draining consumer waits for the ack), and once more as it stops."""
+    seen: list[object] = []
+    lanes: list[PriorityLane] = []
+    lane = PriorityLane(on_idle=lambda: seen.append(("idle", lanes[0].idle)))
+    lanes.append(lane)
+    gate = threading.Event()
+    lane.submit(BATCH, gate.wait)
+    lane.submit(BATCH, lambda: seen.append("a"))
+    lane.submit(BATCH, lambda: seen.append("b"))
+    gate.set()
+    deadline = time.monotonic() + 10
+    while not lane.idle:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert seen == ["a", "b", ("idle", False)]
+    lane.shutdown()
+    assert seen == ["a", "b", ("idle", False), ("idle", False)]

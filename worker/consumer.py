@@ -22,6 +22,7 @@ import re
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TypeVar
 
 import orjson
@@ -43,7 +44,7 @@ from recfleet.shared.topology import (
     topology,
 )
 from recfleet.worker import metrics
-from recfleet.worker.handler import JobHandler
+from recfleet.worker.handler import JobHandler, PendingJob
 from recfleet.worker.lanes import BATCH, URGENT, PriorityLane
 
 log = logging.getLogger(__name__)
@@ -65,7 +66,8 @@ class Consumer:
         self.handler = handler
         self.sample_queues = sample_queues
         self._stopping = threading.Event()
-        self._lane = PriorityLane()
+        self._held: _Held | None = None  # the job whose write is sent and not yet confirmed
+        self._lane = PriorityLane(on_idle=self._settle_held)
         self._arrivals = itertools.count()
         self._connection: pika.BlockingConnection | None = None
         self._last_tick = 0.0
@@ -295,12 +297,17 @@ class Consumer:
         *,
         suspect: bool = False,
     ) -> None:
+        """Rank a job and send its write, then confirm the previous job's write and ack it:
+        Redis stores one job while the next one ranks. The last job's write is confirmed
+        when the lane has nothing else queued (``_settle_held``)."""
         if self._stopping.is_set():
+            self._settle_held()
             self._reply(channel.basic_nack, tag, requeue=True)
             return
         if suspect:
             # A returned job may crash this process: first let the acks of the jobs
             # finished before it leave, so a crash does not return (and count) them too.
+            self._settle_held()
             self._wait_for_io_thread()
         start = time.perf_counter()
         try:
@@ -310,20 +317,43 @@ class Consumer:
             return
         extra = {"batch_id": job.batch_id, "job_id": job.job_id}
         try:
-            summary = self._with_retries(lambda: self.handler.handle(job), extra)
+            pending = self._with_retries(lambda: self.handler.start(job), extra)
         except TransientError as exc:
+            self._settle_held()
             log.warning("job requeued: %s", exc, extra=extra)
             metrics.JOBS.labels("requeued").inc()
             self._reply(channel.basic_nack, tag, requeue=True)
             return
         except Exception as exc:  # any other failure of this one job: dead-letter it
+            self._settle_held()
             log.exception("job failed", extra=extra)
             self._dead_letter(channel, tag, props, f"{type(exc).__name__}: {exc}", "failed")
             return
+        self._settle_held()
+        self._held = _Held(pending, channel, tag, props, extra, start)
+
+    def _settle_held(self) -> None:
+        """Confirm the held job's write (retrying while Redis is away) and ack it; requeue
+        it when stopping before Redis came back, dead-letter it on any other failure."""
+        held, self._held = self._held, None
+        if held is None:
+            return
+        try:
+            summary = self._with_retries(lambda: self.handler.finish(held.pending), held.extra)
+        except TransientError as exc:
+            log.warning("job requeued: %s", exc, extra=held.extra)
+            metrics.JOBS.labels("requeued").inc()
+            self._reply(held.channel.basic_nack, held.tag, requeue=True)
+            return
+        except Exception as exc:
+            log.exception("job failed", extra=held.extra)
+            reason = f"{type(exc).__name__}: {exc}"
+            self._dead_letter(held.channel, held.tag, held.props, reason, "failed")
+            return
         metrics.JOBS.labels("done").inc()
-        metrics.JOB_DURATION.observe(time.perf_counter() - start)
-        log.debug("job done: %d users, %d cold", summary.users, summary.cold, extra=extra)
-        self._reply(channel.basic_ack, tag)
+        metrics.JOB_DURATION.observe(time.perf_counter() - held.start)
+        log.debug("job done: %d users, %d cold", summary.users, summary.cold, extra=held.extra)
+        self._reply(held.channel.basic_ack, held.tag)
 
     def _with_retries(self, fn: Callable[[], T], extra: dict[str, str]) -> T:
         """Retry transient failures with capped backoff until they pass or we are stopping."""
@@ -402,6 +432,18 @@ class Consumer:
         except pika.exceptions.AMQPError:
             # A late settle on a channel that closed (or belongs to an older connection).
             log.warning("channel closed before %s was settled; broker redelivers", what)
+
+
+@dataclass(frozen=True)
+class _Held:
+    """A job whose write was sent and whose delivery waits for that write's replies."""
+
+    pending: PendingJob
+    channel: BlockingChannel
+    tag: int
+    props: BasicProperties
+    extra: dict[str, str]
+    start: float
 
 
 def _ids(props: BasicProperties) -> dict[str, str | None]:

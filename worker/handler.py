@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -21,17 +21,20 @@ from recfleet.shared.errors import TransientError
 from recfleet.shared.generations import finalize_steps, run_steps
 from recfleet.shared.keys import BASE, BucketGroups, Keys
 from recfleet.shared.ledger import (
+    ALREADY_COUNTED,
     COMPLETED,
     PIN_SCRIPT,
     PROGRESS_SCRIPT,
     REVIVE_SCRIPT,
+    GenState,
+    LedgerStatus,
     popularity_args,
 )
 from recfleet.shared.messages import Job
 from recfleet.shared.settings import Settings
 from recfleet.worker import metrics
 from recfleet.worker.models import Model, ModelStore
-from recfleet.worker.resp import compile_packer, pack_hsets, send_packed
+from recfleet.worker.resp import SentCommands, compile_packer, pack_hsets, send_commands
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +64,34 @@ class _Call:
         if self.script is None:
             return self.args
         return ("EVALSHA", self.script.sha, len(self.keys), *self.keys, *self.args)
+
+
+@dataclass
+class _JobWrite:
+    """One job's write: its result hashes and its other calls; ``packed`` once laid out as
+    protocol bytes, ``sent`` while its replies are unread."""
+
+    keys: list[str]
+    groups: BucketGroups
+    records: np.ndarray
+    expire: int | None
+    calls: list[_Call]
+    ledger: bool  # the calls end with the progress script and a ZADD
+    packed: tuple[np.ndarray, int, list[tuple[Any, ...]]] | None = None
+    sent: SentCommands | None = None
+    failure: redis.RedisError | None = None  # of the last send
+    seconds: float = 0.0  # spent sending and reading
+
+
+@dataclass(frozen=True)
+class PendingJob:
+    """A ranked job whose write is sent (``JobHandler.start``) and not yet confirmed."""
+
+    job: Job
+    summary: JobSummary  # write_s filled in by ``finish``
+    recommended: dict[str, int]
+    n_candidates: np.ndarray
+    write: _JobWrite
 
 
 @dataclass(frozen=True)
@@ -149,12 +180,20 @@ class JobHandler:
         return current[0].decode() if current else BASE
 
     def handle(self, job: Job, *, want_results: bool = False) -> JobSummary:
-        """Rank every user of the job and write all results and the job's progress at once.
+        """Rank every user of the job and write all results and the job's progress at once
+        (``start`` then ``finish``).
 
         Writing is idempotent: a redelivered job writes the same bytes and counts once.
         The job that completes a sealed batch also runs the generation switch.
         Raises TransientError when Redis cannot be reached.
         """
+        return self.finish(self.start(job, want_results=want_results))
+
+    def start(self, job: Job, *, want_results: bool = False) -> PendingJob:
+        """Rank the job and send its write; ``finish`` reads Redis's replies, so a worker
+        can rank its next job meanwhile (on a Redis Cluster the pipeline runs in
+        ``finish``). Raises TransientError when Redis cannot be reached for the batch's
+        model or target; a failed send surfaces in ``finish``, which sends again."""
         start = time.perf_counter()
         model = self.model_for(job)
         art = model.artifacts
@@ -166,16 +205,40 @@ class JobHandler:
         recommended = self.recommended_by_bucket(model, rows)
         rank_s = time.perf_counter() - start
 
-        write_start = time.perf_counter()
         cold = int(ranked.cold.sum())
-        outcome = self._write(job, model, user_ids, records, cold, recommended)
-        write_s = time.perf_counter() - write_start
-        if outcome == COMPLETED:
-            self.finalize(job.batch_id)
-
-        self._observe(recommended, ranked.n_candidates, len(user_ids), cold, rank_s, write_s)
+        write = self._prepare_write(job, model, user_ids, records, cold, recommended)
+        self._send(write)
         results = [[int(p) for p in row if p >= 0] for row in external] if want_results else None
-        return JobSummary(len(user_ids), cold, rank_s, write_s, model.version, results)
+        summary = JobSummary(len(user_ids), cold, rank_s, 0.0, model.version, results)
+        return PendingJob(job, summary, recommended, ranked.n_candidates, write)
+
+    def finish(self, pending: PendingJob) -> JobSummary:
+        """Read the replies of a started job's write (sending it again first when the last
+        attempt failed), run the generation switch if the job completed its batch, and
+        return its summary. May be called again after a TransientError."""
+        write = pending.write
+        try:
+            replies = self._replies(write)
+        except redis.RedisError as exc:
+            raise TransientError(f"Redis unavailable: {exc}") from exc
+        if write.ledger:
+            counted = int(replies[-2])
+            if counted == COMPLETED:
+                self.finalize(pending.job.batch_id)
+            elif counted == ALREADY_COUNTED:
+                # Written before (its replies were lost, or the job came back after a
+                # crash): the attempt that completed the batch may never have switched it.
+                self._finalize_if_complete(pending.job.batch_id)
+        summary = replace(pending.summary, write_s=write.seconds)
+        self._observe(
+            pending.recommended,
+            pending.n_candidates,
+            summary.users,
+            summary.cold,
+            summary.rank_s,
+            summary.write_s,
+        )
+        return summary
 
     def finalize(self, batch_id: str) -> None:
         """Run the gates of a complete batch and make it current if they pass."""
@@ -192,6 +255,19 @@ class JobHandler:
                 "batch %s not made current: %s", batch_id, reason, extra={"batch_id": batch_id}
             )
 
+    def _finalize_if_complete(self, batch_id: str) -> None:
+        """``finalize`` a batch whose every job is done or dead but whose switch has not
+        run. Raises TransientError."""
+        try:
+            fields = self.redis.hgetall(self.keys.batch(batch_id))
+        except redis.RedisError as exc:
+            raise TransientError(f"Redis unavailable: {exc}") from exc
+        if not fields:
+            return
+        status = LedgerStatus.parse(batch_id, fields)
+        if status.finished and status.gen_state == GenState.PENDING:
+            self.finalize(batch_id)
+
     @staticmethod
     def recommended_by_bucket(model: Model, rows: np.ndarray) -> dict[str, int]:
         """How many of the recommended playlist rows fall in each popularity-rank bucket."""
@@ -199,7 +275,7 @@ class JobHandler:
         hist = np.bincount(model.popularity_bucket[shown], minlength=len(POPULARITY_LABELS))
         return dict(zip(POPULARITY_LABELS, hist.tolist(), strict=True))
 
-    def _write(
+    def _prepare_write(
         self,
         job: Job,
         model: Model,
@@ -207,9 +283,8 @@ class JobHandler:
         records: np.ndarray,
         cold: int,
         recommended: dict[str, int],
-    ) -> int:
-        """Every result, the job's bookkeeping and its progress in one round trip; returns
-        the progress script's answer (0 without a ledger).
+    ) -> _JobWrite:
+        """Every result, the job's bookkeeping and its progress as one write.
 
         Raises TransientError when Redis cannot be reached.
         """
@@ -238,37 +313,60 @@ class JobHandler:
         keys = [self.keys.result_bucket(generation, first) for first in groups.firsts]
         # No run owns the live keyspace, so prune never deletes it: its hashes expire.
         expire = self.settings.batch_ttl_s if generation == BASE else None
-        try:
-            if self.packed_writes:
-                replies = self._write_packed(keys, groups, records, expire, calls)
-            else:
-                replies = self._write_pipelined(keys, groups, records, expire, calls)
-        except redis.RedisError as exc:
-            raise TransientError(f"Redis unavailable: {exc}") from exc
-        return int(replies[-2]) if info.ledger else 0
+        return _JobWrite(keys, groups, records, expire, calls, info.ledger)
 
-    def _write_packed(
-        self,
-        keys: list[str],
-        groups: BucketGroups,
-        records: np.ndarray,
-        expire: int | None,
-        calls: list[_Call],
-    ) -> list[Any]:
-        """One write of RESP bytes packed here (``worker.resp``) to a single Redis; returns
-        the replies of ``calls``. Loads the scripts and writes again (the same bytes, the
-        same counts: every step is idempotent) when Redis has forgotten them."""
-        hsets = pack_hsets(keys, groups.ends, groups.fields, records[groups.order])
-        head = [("EXPIRE", key, expire) for key in keys] if expire is not None else []
-        commands = head + [call.command() for call in calls]
+    def _send(self, write: _JobWrite) -> None:
+        """Send a packed write (a cluster's pipeline waits for ``_replies``). A failed
+        send is left for ``_replies`` to retry and report."""
+        if not self.packed_writes:
+            return
+        start = time.perf_counter()
+        if write.packed is None:
+            groups = write.groups
+            hsets = pack_hsets(write.keys, groups.ends, groups.fields, write.records[groups.order])
+            expire = write.expire
+            head = [("EXPIRE", key, expire) for key in write.keys] if expire is not None else []
+            commands = head + [call.command() for call in write.calls]
+            write.packed = (hsets, len(write.keys), commands)
+        hsets, n_packed, commands = write.packed
         try:
-            replies = send_packed(self.redis, [hsets], len(keys), commands)
-        except NoScriptError:
-            for call in calls:
-                if call.script is not None:
-                    self.redis.script_load(call.script.script)
-            replies = send_packed(self.redis, [hsets], len(keys), commands)
-        return replies[len(keys) + len(head) :]
+            write.sent, write.failure = send_commands(self.redis, [hsets], n_packed, commands), None
+        except redis.RedisError as exc:
+            write.sent, write.failure = None, exc
+        write.seconds += time.perf_counter() - start
+
+    def _replies(self, write: _JobWrite) -> list[Any]:
+        """The replies of ``write``'s calls: the packed write's (sent first when it is not
+        in flight, and again after loading the scripts when Redis has forgotten them: the
+        same bytes, the same counts, every step is idempotent), or the cluster pipeline's.
+        Raises redis.RedisError."""
+        if not self.packed_writes:
+            start = time.perf_counter()
+            replies = self._write_pipelined(
+                write.keys, write.groups, write.records, write.expire, write.calls
+            )
+            write.seconds += time.perf_counter() - start
+            return replies
+        for attempt in range(2):
+            if write.sent is None:
+                self._send(write)
+            sent, write.sent = write.sent, None
+            start = time.perf_counter()
+            try:
+                if sent is None:
+                    raise write.failure or redis.ConnectionError("the write was not sent")
+                replies = sent.read()
+            except NoScriptError:
+                if attempt:
+                    raise
+                for call in write.calls:
+                    if call.script is not None:
+                        self.redis.script_load(call.script.script)
+                continue
+            finally:
+                write.seconds += time.perf_counter() - start
+            return replies[len(replies) - len(write.calls) :]
+        raise AssertionError("unreachable")
 
     def _write_pipelined(
         self,

@@ -20,7 +20,10 @@ class PriorityLane:
     in submission order within a priority. Torch uses one thread per worker process, so
     one compute thread is all a process needs; the lane keeps sync requests ahead."""
 
-    def __init__(self, name: str = "rank") -> None:
+    def __init__(self, name: str = "rank", on_idle: Callable[[], None] | None = None) -> None:
+        """``on_idle`` runs on the lane's thread whenever a task ends with nothing queued,
+        and before the lane stops: still part of that task (``idle`` stays False)."""
+        self._on_idle = on_idle
         self._queue: queue.PriorityQueue[tuple[int, int, Callable[[], None] | None]] = (
             queue.PriorityQueue()
         )
@@ -52,12 +55,20 @@ class PriorityLane:
         while True:
             _, _, fn = self._queue.get()
             try:
+                self._started = time.monotonic()
+                if fn is not None:
+                    self._call(fn)
+                if self._on_idle is not None and (fn is None or self._queue.empty()):
+                    self._call(self._on_idle)
                 if fn is None:
                     return
-                self._started = time.monotonic()
-                fn()
-            except Exception:  # a task's failure must not kill the lane
-                log.exception("task failed")
             finally:
                 self._started = None
                 self._queue.task_done()
+
+    @staticmethod
+    def _call(fn: Callable[[], None]) -> None:
+        try:
+            fn()
+        except Exception:  # a task's failure must not kill the lane
+            log.exception("task failed")

@@ -4,8 +4,9 @@ redis-py packs each argument of a command in Python: a job's 1 000 results are ~
 arguments of ``HSET`` and cost ~1.5 ms to pack, more than a third of the ranking itself.
 Here the ``HSET`` commands of a whole job are laid out as RESP (``*<n>`` array headers,
 ``$<len>`` bulk strings) straight from the job's packed result records by a compiled
-loop (~0.2 ms), and ``send_packed`` writes them with the job's other commands on one
-pooled connection and reads every reply, as a redis-py pipeline would.
+loop (~0.2 ms), and ``send_commands`` writes them with the job's other commands on one
+pooled connection; its replies are read later (``SentCommands.read``), as a redis-py
+pipeline would read them, so that a worker ranks its next job while Redis works.
 
 Only for a single Redis: a Redis Cluster routes each key to its node, so the cluster
 client's pipeline (``shared.redis``) carries its writes.
@@ -129,38 +130,74 @@ def compile_packer() -> None:
     pack_hsets(["k"], np.ones(1, dtype=np.int64), np.zeros(1, dtype=np.int64), values)
 
 
-def send_packed(
+class SentCommands:
+    """Commands written on a pooled connection whose replies are still to be read
+    (``send_commands``). Holds the connection until ``read``."""
+
+    def __init__(self, pool: redis.ConnectionPool, connection: Any, replies: int) -> None:
+        self._pool = pool
+        self._connection: Any = connection
+        self._replies = replies
+
+    def read(self) -> list[Any]:
+        """Every reply, in order, as the protocol parser returns them (integers, bytes;
+        none of redis-py's per-command conversions); gives the connection back.
+
+        Every reply is read before an error is raised, so the connection stays in step; on
+        any other failure the connection is dropped. Raises redis.ResponseError (the first
+        error reply, e.g. NoScriptError), redis.ConnectionError and redis.TimeoutError;
+        RuntimeError when read twice.
+        """
+        connection, self._connection = self._connection, None
+        if connection is None:
+            raise RuntimeError("replies already read")
+        answers: list[Any] = []
+        try:
+            for _ in range(self._replies):
+                try:
+                    answers.append(connection.read_response())
+                except ResponseError as exc:
+                    answers.append(exc)
+        except BaseException:
+            connection.disconnect()
+            raise
+        finally:
+            self._pool.release(connection)
+        error = next((a for a in answers if isinstance(a, ResponseError)), None)
+        if error is not None:
+            raise error
+        return answers
+
+
+def send_commands(
     client: redis.Redis,
     packed: Sequence[np.ndarray],
     packed_replies: int,
     commands: Sequence[Sequence[Any]] = (),
-) -> list[Any]:
+) -> SentCommands:
     """Write ``packed`` (RESP bytes of ``packed_replies`` commands) and then ``commands``
-    (argument lists, packed by redis-py) on one pooled connection, in one write; return
-    every reply, in order, as the protocol parser returns them (integers, bytes; none of
-    redis-py's per-command conversions).
+    (argument lists, packed by redis-py) on one pooled connection, in one write, without
+    waiting for the replies: ``read`` them later (Redis works on them meanwhile).
 
-    Every reply is read before an error is raised, so the connection stays in step; on
-    any other failure the connection is dropped. Raises redis.ResponseError (the first
-    error reply, e.g. NoScriptError), redis.ConnectionError and redis.TimeoutError.
+    Raises redis.ConnectionError and redis.TimeoutError (the connection is dropped).
     """
     pool = client.connection_pool
     connection = pool.get_connection()
     try:
         chunks = [chunk.data for chunk in packed]
         connection.send_packed_command(chunks + connection.pack_commands(commands))
-        answers: list[Any] = []
-        for _ in range(packed_replies + len(commands)):
-            try:
-                answers.append(connection.read_response())
-            except ResponseError as exc:
-                answers.append(exc)
     except BaseException:
         connection.disconnect()
-        raise
-    finally:
         pool.release(connection)
-    error = next((a for a in answers if isinstance(a, ResponseError)), None)
-    if error is not None:
-        raise error
-    return answers
+        raise
+    return SentCommands(pool, connection, packed_replies + len(commands))
+
+
+def send_packed(
+    client: redis.Redis,
+    packed: Sequence[np.ndarray],
+    packed_replies: int,
+    commands: Sequence[Sequence[Any]] = (),
+) -> list[Any]:
+    """``send_commands`` and then read every reply (``SentCommands.read``)."""
+    return send_commands(client, packed, packed_replies, commands).read()

@@ -19,7 +19,7 @@ from recfleet.cli.fleet import RECFLEET, settings_env
 from recfleet.shared.messages import Job
 from recfleet.shared.settings import Settings
 from recfleet.worker.consumer import Consumer
-from recfleet.worker.handler import JobHandler, JobSummary
+from recfleet.worker.handler import JobHandler, PendingJob
 from recfleet.worker.models import ModelStore
 from tests.support.batches import BATCH_USERS, submit_batches, wait_complete
 from tests.support.fleet import Fleet
@@ -42,10 +42,10 @@ class SlowHandler(JobHandler):
         self.pause_s = pause_s
         self.calls: Counter[str] = Counter()
 
-    def handle(self, job: Job, *, want_results: bool = False) -> JobSummary:
+    def start(self, job: Job, *, want_results: bool = False) -> PendingJob:
         self.calls[job.job_id] += 1
         time.sleep(self.pause_s)
-        return super().handle(job, want_results=want_results)
+        return super().start(job, want_results=want_results)
 
 
 @pytest.fixture
@@ -109,16 +109,16 @@ import sys
 
 from recfleet.worker.handler import JobHandler
 
-_handle = JobHandler.handle
+_start = JobHandler.start
 
 
-def handle(self, job, **kwargs):
+def start(self, job, **kwargs):
     if {POISON_USER} in job.user_ids:
         os._exit(70)
-    return _handle(self, job, **kwargs)
+    return _start(self, job, **kwargs)
 
 
-JobHandler.handle = handle
+JobHandler.start = start
 
 if __name__ == "__main__":
     from recfleet.cli.main import main
