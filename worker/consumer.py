@@ -1,7 +1,9 @@
 """The pika consumer: thin I/O around ``JobHandler``.
 
 The connection's I/O (and so its heartbeats) stays on the main thread; jobs run on
-one compute thread and their acks come back through ``add_callback_threadsafe``.
+one compute thread and their acks come back through ``add_callback_threadsafe``. A job's
+write is sent when it is ranked and confirmed (then acked) after the next job is ranked,
+or as soon as no job waits, so Redis stores one job while the next one ranks.
 Retries live here and only here:
 
 - undecodable or invalid job -> rejected without requeue, so the broker dead-letters it;
