@@ -39,11 +39,12 @@ class BPRConfig:
     epochs: int | None = None
     batch_size: int = 2048
     lr: float = 0.05
-    # 1e-3 ranked the validation split better (hit@10 at 200 000 users 0.199 against 0.196,
-    # at 1 M 0.219 against 0.181) but the held-out split worse at 1 M (0.078 against 0.104;
-    # 0.179 against 0.172 at 200 000). That validation split was carved after the
-    # candidate lists were built, so a validation playlist was never a candidate negative
-    # while a held-out one can be; validation now mirrors held-out, not yet re-measured.
+    # 1e-3 ranked the old validation split better (carved after pairing: hit@10 at 1 M
+    # 0.219 against 0.181) but the held-out split worse at 1 M (0.078 against 0.104).
+    # On the validation split that mirrors held-out, both agree at 1 M (validation 0.110
+    # against 0.117, held-out 0.117 against 0.123 with the prior) and validation ties at
+    # 200 000 (0.1742 both; held-out 0.1795 against 0.1786): a grid would double BPR for
+    # nothing, so 1e-2 stays (docs/performance.md).
     reg: float = 1e-2
     init_std: float = 0.01
     candidate_negatives: float = 0.25
