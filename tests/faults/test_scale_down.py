@@ -13,6 +13,7 @@ from tests.support.batches import progress, submit_batches, wait_complete, wait_
 from tests.support.fleet import Fleet
 from tests.support.invariants import assert_invariant, check_invariant
 from tests.support.net import free_ports
+from tests.support.polling import wait_until
 from tests.support.reports import report_tally
 
 pytestmark = pytest.mark.faults
@@ -26,9 +27,16 @@ def test_sigterm_to_half_the_workers_mid_batch(fault_settings: Settings, tmp_pat
         Fleet(fault_settings, tmp_path / "leaving", worker_settings=leaving) as scaled_away,
     ):
         staying.start_gateway()
-        staying.start_workers()
-        scaled_away.start_workers()
-        batches = submit_batches(staying.base_url, 25)
+        # The work is queued before any worker starts, so that the scale-down lands in
+        # the middle of it however fast the workers are (they kept pace with the POSTs).
+        batches = submit_batches(staying.base_url, 100)
+        staying.start_workers(wait_consuming=False)
+        scaled_away.start_workers(wait_consuming=False)
+        wait_until(
+            lambda: staying.workers_consuming() and scaled_away.workers_consuming(),
+            120,
+            "both worker groups to consume",
+        )
         wait_fraction(fault_settings, list(batches), 0.1)
         at_scale_down = progress(fault_settings, list(batches))
         exit_code = scaled_away.stop_workers(signal.SIGTERM, timeout=60)
