@@ -113,12 +113,15 @@ def wait_complete(settings: Settings, batch_ids: Sequence[str], timeout: float =
 
 
 def under_way(
-    fleet: LocalFleet, count: int = 25, at: float = 0.1
+    fleet: LocalFleet, count: int = 50, at: float = 0.1
 ) -> tuple[dict[str, list[int]], Progress]:
-    """Start the fleet's gateway, then its workers; submit ``count`` batches and wait until
-    the fraction ``at`` of their users is finished: the moment a fault test strikes.
-    Returns the accepted batches and their progress then."""
+    """Start the fleet's gateway, submit ``count`` batches, then start its workers and
+    wait until every one consumes and the fraction ``at`` of the users is finished: the
+    moment a fault test strikes. The work is queued first, so that the fault lands in the
+    middle of it however fast the workers are (they keep pace with the POSTs). Returns
+    the accepted batches and their progress then."""
     fleet.start_gateway()
-    fleet.start_workers()
     batches = submit_batches(fleet.base_url, count)
+    fleet.start_workers(wait_consuming=False)
+    wait_until(fleet.workers_consuming, 120, "every worker to consume")
     return batches, wait_fraction(fleet.settings, list(batches), at)
