@@ -211,6 +211,12 @@ class LedgerStatus:
     def finished(self) -> bool:
         return self.state in (BatchState.DONE, BatchState.FAILED)
 
+    @property
+    def awaits_switch(self) -> bool:
+        """Every job is done or dead but the generation switch has not run yet (its last
+        worker died, or lost the reply that said so, before running it)."""
+        return self.finished and self.gen_state == GenState.PENDING
+
     @classmethod
     def parse(cls, batch_id: str, fields: Mapping[Any, Any]) -> LedgerStatus:
         """Read a ledger as returned by HGETALL (bytes or str). Raises ValueError when a

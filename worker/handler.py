@@ -26,7 +26,6 @@ from recfleet.shared.ledger import (
     PIN_SCRIPT,
     PROGRESS_SCRIPT,
     REVIVE_SCRIPT,
-    GenState,
     LedgerStatus,
     popularity_args,
 )
@@ -77,7 +76,7 @@ class _JobWrite:
     expire: int | None
     calls: list[_Call]
     ledger: bool  # the calls end with the progress script and a ZADD
-    packed: tuple[np.ndarray, int, list[tuple[Any, ...]]] | None = None
+    packed: tuple[np.ndarray, list[tuple[Any, ...]]] | None = None  # HSETs, then the rest
     sent: SentCommands | None = None
     failure: redis.RedisError | None = None  # of the last send
     seconds: float = 0.0  # spent sending and reading
@@ -264,8 +263,7 @@ class JobHandler:
             raise TransientError(f"Redis unavailable: {exc}") from exc
         if not fields:
             return
-        status = LedgerStatus.parse(batch_id, fields)
-        if status.finished and status.gen_state == GenState.PENDING:
+        if LedgerStatus.parse(batch_id, fields).awaits_switch:
             self.finalize(batch_id)
 
     @staticmethod
@@ -327,10 +325,11 @@ class JobHandler:
             expire = write.expire
             head = [("EXPIRE", key, expire) for key in write.keys] if expire is not None else []
             commands = head + [call.command() for call in write.calls]
-            write.packed = (hsets, len(write.keys), commands)
-        hsets, n_packed, commands = write.packed
+            write.packed = (hsets, commands)
+        hsets, commands = write.packed
         try:
-            write.sent, write.failure = send_commands(self.redis, [hsets], n_packed, commands), None
+            sent = send_commands(self.redis, [hsets], len(write.keys), commands)
+            write.sent, write.failure = sent, None
         except redis.RedisError as exc:
             write.sent, write.failure = None, exc
         write.seconds += time.perf_counter() - start
@@ -347,26 +346,28 @@ class JobHandler:
             )
             write.seconds += time.perf_counter() - start
             return replies
-        for attempt in range(2):
-            if write.sent is None:
-                self._send(write)
-            sent, write.sent = write.sent, None
-            start = time.perf_counter()
-            try:
-                if sent is None:
-                    raise write.failure or redis.ConnectionError("the write was not sent")
-                replies = sent.read()
-            except NoScriptError:
-                if attempt:
-                    raise
-                for call in write.calls:
-                    if call.script is not None:
-                        self.redis.script_load(call.script.script)
-                continue
-            finally:
-                write.seconds += time.perf_counter() - start
-            return replies[len(replies) - len(write.calls) :]
-        raise AssertionError("unreachable")
+        try:
+            replies = self._read(write)
+        except NoScriptError:
+            for call in write.calls:
+                if call.script is not None:
+                    self.redis.script_load(call.script.script)
+            replies = self._read(write)
+        return replies[len(replies) - len(write.calls) :]
+
+    def _read(self, write: _JobWrite) -> list[Any]:
+        """Every reply of the packed write, sending it first when it is not in flight (a
+        failed send is reported here). Raises redis.RedisError."""
+        if write.sent is None:
+            self._send(write)
+        sent, write.sent = write.sent, None
+        start = time.perf_counter()
+        try:
+            if sent is None:
+                raise write.failure or redis.ConnectionError("the write was not sent")
+            return sent.read()
+        finally:
+            write.seconds += time.perf_counter() - start
 
     def _write_pipelined(
         self,

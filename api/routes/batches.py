@@ -309,7 +309,7 @@ async def get_batch(
         await redis.hset(ledger, mapping=rejected)  # type: ignore[arg-type]
         fields = await redis.hgetall(ledger)
     ledger_status = LedgerStatus.parse(batch_id, fields)
-    if ledger_status.finished and ledger_status.gen_state == GenState.PENDING:
+    if ledger_status.awaits_switch:
         await run_steps_async(redis, finalize_steps(batch_id, s, keys))
         results.generations.invalidate()
         ledger_status = LedgerStatus.parse(batch_id, await redis.hgetall(ledger))
