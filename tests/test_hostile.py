@@ -12,6 +12,7 @@ module runs in seconds; the cost of each class in gateway CPU is measured by
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import statistics
 import subprocess
@@ -107,14 +108,26 @@ def raw_exchange(url: str, data: bytes, wait_s: float = 5.0) -> bytes:
     ``wait_s`` passes with nothing more): everything the server answered."""
     host, port = url.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port)), timeout=wait_s) as sock:
-        sock.sendall(data)
+        # Sent from a thread while this one reads: a server that answers early (413) and
+        # closes with our bytes unread resets the connection, which could discard an
+        # answer still waiting to be read.
+        sender = threading.Thread(target=_send_until_reset, args=(sock, data), daemon=True)
+        sender.start()
         received = b""
         try:
             while chunk := sock.recv(65536):
                 received += chunk
         except TimeoutError:
             return received + b"<still open>"
+        except ConnectionResetError:
+            pass  # after the answer: the server closed with our upload unread
+        sender.join(wait_s)
     return received
+
+
+def _send_until_reset(sock: socket.socket, data: bytes) -> None:
+    with contextlib.suppress(OSError):
+        sock.sendall(data)
 
 
 # -- who may call what ------------------------------------------------------------------
